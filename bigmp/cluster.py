@@ -1,0 +1,291 @@
+"""B, the session: start machines on a System, dial machines, shut everything down.
+
+``bigmp.start(system="local")`` returns a B. ``b.start(n, services=...)`` launches n
+machines at once and returns their handles, normally STARTING; each one is brought up in
+the background (launch, handshake, environment, services and their ``init``), reaches
+RUNNING, and is then kept alive by a :class:`~bigmp.keepalive.Keeper`.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import secrets
+import sys
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import cloudpickle
+
+from . import config as _config
+from . import output
+from .errors import MachineLost, StartError
+from .keepalive import Keeper
+from .machine import Machine, State, _Shutdown
+from .systems import System, get_system
+from .systems.base import read_handshake
+from .worker import encode_config
+
+log = logging.getLogger("bigmp")
+
+__all__ = ["B", "start"]
+
+_sessions: "weakref.WeakSet[B]" = weakref.WeakSet()
+
+
+class B:
+    """A bigmp session (bigmachine's ``B``): the machines of one driver."""
+
+    def __init__(self, system: Optional[System], options: Dict[str, Any],
+                 authkey: Optional[bytes] = None):
+        self.system = system
+        self.options = options
+        self.authkey = authkey or secrets.token_bytes(32)
+        self._machines: List[Machine] = []
+        self._dialed: Dict[Any, Machine] = {}
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._closed = False
+        if system is not None:
+            _sessions.add(self)
+
+    @classmethod
+    def remote(cls, authkey: bytes, config: Optional[Dict[str, Any]] = None) -> "B":
+        """The session as seen from a machine: it can dial, not start."""
+        return cls(None, _config.resolve(**(config or {})), authkey=authkey)
+
+    # -- machines -------------------------------------------------------------------------
+
+    def start(self, n: int = 1, services: Optional[Mapping[str, Any]] = None,
+              environ: Optional[Mapping[str, str]] = None, args: Optional[Sequence[str]] = None,
+              ) -> List[Machine]:
+        """Launch ``n`` machines with ``services`` installed; return their handles at once.
+
+        ``environ`` adds to the driver's environment on the machines; ``args`` replaces
+        the driver's ``sys.argv[1:]`` there. A machine that fails to start is STOPPED with
+        ``err`` saying why; it never hangs ``start`` or :meth:`Machine.wait`.
+        """
+        if self.system is None:
+            raise RuntimeError("machines can only be started by the driver's session")
+        if self._closed:
+            raise RuntimeError("this session has been shut down")
+        if n < 1:
+            raise ValueError(f"n must be at least 1, not {n}")
+        payloads: Dict[str, bytes] = {}
+        pickling_error = None
+        for name, svc in (services or {}).items():
+            if not isinstance(name, str) or not name or "." in name:
+                raise ValueError(f"bad service name {name!r}: a non-empty str without '.'")
+            try:
+                payloads[name] = cloudpickle.dumps(svc)
+            except Exception as exc:
+                pickling_error = StartError(f"service {name!r} cannot be pickled: {exc!r}")
+                pickling_error.__cause__ = exc
+        env = dict(os.environ)
+        env.update({str(k): str(v) for k, v in (environ or {}).items()})
+        argv = list(sys.argv[:1]) + (list(args) if args is not None else list(sys.argv[1:]))
+        machines = []
+        with self._lock:
+            for _ in range(n):
+                m = Machine(self, self.system.machine_name(self._seq))
+                self._seq += 1
+                self._machines.append(m)
+                machines.append(m)
+        for m in machines:
+            m._set_state(State.STARTING)
+            if pickling_error is not None:
+                m._set_state(State.STOPPED, pickling_error)
+                continue
+            threading.Thread(target=self._bring_up, args=(m, payloads, env, argv),
+                             name=f"bigmp-start-{m.name}", daemon=True).start()
+        return machines
+
+    def _launch_config(self, name: str, env: Dict[str, str], argv: List[str]) -> bytes:
+        timings = self.system.keepalive()
+        config = {"name": name, "authkey": self.authkey, "listen": self.system.listen_address(),
+                  "lease": timings["lease"], "grace": timings["grace"], "environ": env,
+                  "argv": argv, "options": {k: v for k, v in self.options.items()
+                                            if k in ("connect_timeout", "handshake_timeout",
+                                                     "max_frame")}}
+        if getattr(self.system, "mode", None) != "fork":
+            from multiprocessing import spawn
+            prep = spawn.get_preparation_data(name)
+            prep.pop("authkey", None)
+            config["main"] = prep
+            config["sys_path"] = [p for p in sys.path if p]
+        return encode_config(config)
+
+    def _bring_up(self, m: Machine, payloads: Dict[str, bytes], env, argv) -> None:
+        try:
+            launch = self.system.launch(m.name, self._launch_config(m.name, env, argv))
+        except Exception as exc:
+            m._set_state(State.STOPPED, StartError(f"could not launch {m.name}: {exc!r}"))
+            return
+        m.launch = launch
+        m.pid = launch.pid
+        m.output = output.forwarder().add(launch.output, m.name)
+        # Not in the reporting thread: _exited may wait for the machine's last output.
+        launch.on_exit(lambda code: threading.Thread(target=self._exited, args=(m, code),
+                                                     daemon=True).start())
+        try:
+            line = read_handshake(launch.handshake, self.options["start_timeout"])
+            if not line:
+                raise StartError(f"{m.name} exited before its launch handshake"
+                                 + self._tail(m))
+            hello = json.loads(line)
+            m.addr = tuple(hello["addr"]) if isinstance(hello["addr"], list) else hello["addr"]
+            m.hostname = hello.get("hostname")
+            m.pid = hello.get("pid", m.pid)
+            for name, payload in payloads.items():
+                try:
+                    m._invoke("Supervisor.register", name, payload)
+                except Exception as exc:
+                    raise StartError(f"service {name!r} failed to start on {m.name}: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            if not isinstance(exc, StartError):
+                exc = StartError(f"{m.name} failed to start: {exc!r}")
+            m._set_state(State.STOPPED, exc)
+            self._release(m)
+            return
+        finally:
+            os.close(launch.handshake)
+        m.keepalive = Keeper(m, self.system.keepalive())
+        if m._set_state(State.RUNNING):
+            m.keepalive.start()
+
+    @staticmethod
+    def _tail(m: Machine) -> str:
+        if m.output is None:
+            return ""
+        m.output.drained.wait(2.0)
+        lines = list(m.output.tail)[-10:]
+        return ("; its last output:\n  " + "\n  ".join(lines)) if lines else ""
+
+    def _exited(self, m: Machine, code: Optional[int]) -> None:
+        if m.state == State.STOPPED:
+            return
+        if m._shutting_down:
+            m._set_state(State.STOPPED, _Shutdown(f"{m.name} was shut down by its session"))
+            return
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        m._set_state(State.STOPPED, MachineLost(f"machine {m.name} exited ({how})"
+                                                + self._tail(m)))
+        self._release(m)
+
+    def _release(self, m: Machine) -> None:
+        """Stop watching a STOPPED machine and make sure its process is gone."""
+        if m.keepalive is not None:
+            m.keepalive.stop()
+        launch = m.launch
+        if launch is not None:
+            launch.close_control()
+            if not isinstance(m.err, _Shutdown):
+                launch.kill()
+
+    def machines(self) -> List[Machine]:
+        """Every machine this session started (in start order)."""
+        with self._lock:
+            return list(self._machines)
+
+    def dial(self, addr: Any) -> Machine:
+        """A handle on another machine of the session at ``addr`` (not owned: not kept alive)."""
+        key = tuple(addr) if isinstance(addr, list) else addr
+        with self._lock:
+            for m in self._machines:
+                if m.addr == key and m.state != State.STOPPED:
+                    return m
+            m = self._dialed.get(key)
+            if m is not None and m.state != State.STOPPED:
+                return m
+            m = Machine(self, f"{key}", owned=False)
+            m.addr = key
+            self._dialed[key] = m
+        m._set_state(State.STARTING)
+        m._set_state(State.RUNNING)
+        return m
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="bigmp-call")
+            return self._pool
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Ask every machine to exit and wait (up to ``timeout``) until its output is flushed."""
+        if self._closed:
+            return
+        self._closed = True
+        timeout = self.options["shutdown_timeout"] if timeout is None else timeout
+        machines = self.machines()
+        for m in machines:
+            if m.keepalive is not None:
+                m.keepalive.stop()
+        running = [m for m in machines if m.state == State.RUNNING]
+
+        def ask(m: Machine) -> None:
+            m._shutting_down = True
+            try:
+                m.call("Supervisor.shutdown", timeout=timeout)
+            except Exception as exc:
+                log.debug("shutdown of %s: %r", m.name, exc)
+
+        threads = [threading.Thread(target=ask, args=(m,), daemon=True) for m in running]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        for m in machines:
+            m._set_state(State.STOPPED, _Shutdown(f"{m.name} was shut down by its session"))
+            if m.launch is not None:
+                m.launch.close_control()   # any machine still up sees EOF and exits
+        for m in machines:
+            if m.output is not None:
+                if not m.output.drained.wait(max(0.0, deadline - time.monotonic())):
+                    log.warning("output of %s did not drain within %g s", m.name, timeout)
+        for m in machines:
+            if m.launch is not None and m.launch.returncode is None and m.output is not None \
+                    and not m.output.drained.is_set():
+                m.launch.kill()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.system is not None:
+            self.system.shutdown()
+
+    def __enter__(self) -> "B":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        kind = self.system.name if self.system is not None else "remote"
+        return f"<bigmp.B {kind} machines={len(self._machines)}>"
+
+
+def start(system: Optional[str] = None, **options: Any) -> B:
+    """Start a session: ``with bigmp.start(system="local") as b: ...``.
+
+    Options (see :mod:`bigmp.config`) come from these keywords, then ``BIGMP_*`` environment
+    variables, then defaults.
+    """
+    opts = _config.resolve(system=system, **options)
+    return B(get_system(opts["system"], opts), opts)
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for b in list(_sessions):
+        try:
+            b.shutdown()
+        except Exception:
+            pass
+

@@ -1,0 +1,122 @@
+"""One configuration scheme: keyword arguments > ``BIGMP_*`` environment variables > defaults.
+
+Every option has one name. As a keyword argument it is ``keepalive_lease=10``, in the
+environment ``BIGMP_KEEPALIVE_LEASE=10``, and as a driver flag ``--bigmp-keepalive-lease 10``
+(added to the driver's own parser by :func:`add_arguments`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+__all__ = ["OPTIONS", "resolve", "add_arguments", "options_from_args"]
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "BIGMP_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--bigmp-" + self.name.replace("_", "-")
+
+
+def _bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _list(text: str) -> List[str]:
+    return [part for part in str(text).replace(",", " ").split() if part]
+
+
+OPTIONS: Dict[str, Option] = {o.name: o for o in [
+    Option("system", str, "local", "backend that starts machines: local (more to come)"),
+    Option("local_mode", str, "fork", "local machines: fork (from a fork server) or spawn (fresh interpreter)"),
+    Option("python", str, sys.executable, "interpreter for spawned machines"),
+    Option("keepalive_lease", float, 30.0, "a machine exits when the driver has not renewed its lease for this many seconds"),
+    Option("keepalive_interval", float, 2.0, "seconds between the driver's keepalives"),
+    Option("keepalive_timeout", float, 30.0, "the driver marks a machine STOPPED after it has not answered keepalives for this long"),
+    Option("driver_grace", float, 2.0, "a machine exits this many seconds after its driver connection closed, unless the driver reconnects"),
+    Option("connect_timeout", float, 10.0, "timeout for a TCP connect"),
+    Option("handshake_timeout", float, 10.0, "timeout for each step of the authentication handshake"),
+    Option("start_timeout", float, 60.0, "seconds a machine may take from launch to its handshake"),
+    Option("shutdown_timeout", float, 10.0, "seconds shutdown waits for a machine's output to drain"),
+    Option("max_frame", int, 1 << 30, "largest frame (bytes) a connection accepts"),
+    Option("hosts", _list, [], "hosts for remote systems"),
+]}
+
+
+def _from_env(opt: Option) -> Any:
+    raw = os.environ.get(opt.env)
+    if raw is None:
+        return opt.default
+    try:
+        return opt.type(raw)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{opt.env}={raw!r}: {exc}") from None
+
+
+def resolve(**kwargs: Any) -> Dict[str, Any]:
+    """All options: explicit (non-None) keyword arguments, then environment, then defaults."""
+    unknown = set(kwargs) - set(OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown bigmp option(s) {sorted(unknown)}; known: {sorted(OPTIONS)}")
+    out = {}
+    for name, opt in OPTIONS.items():
+        value = kwargs.get(name)
+        out[name] = _from_env(opt) if value is None else value
+    return out
+
+
+def get(name: str) -> Any:
+    return _from_env(OPTIONS[name])
+
+
+def connect_timeout() -> float:
+    return get("connect_timeout")
+
+
+def handshake_timeout() -> float:
+    return get("handshake_timeout")
+
+
+def max_frame() -> int:
+    return get("max_frame")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add every bigmp option to the driver's own parser as ``--bigmp-<name>``."""
+    group = parser.add_argument_group("bigmp")
+    for opt in OPTIONS.values():
+        group.add_argument(opt.flag, dest="bigmp_" + opt.name, type=opt.type, default=None,
+                           help=f"{opt.help} (env {opt.env}, default {opt.default!r})")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """The bigmp options the user gave on the command line, as keywords for :func:`bigmp.start`."""
+    out = {}
+    for name in OPTIONS:
+        value = getattr(args, "bigmp_" + name, None)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def current() -> Optional[Dict[str, Any]]:
+    return resolve()

@@ -1,0 +1,270 @@
+"""Listener and Client for manager traffic: the stdlib wire format with its faults fixed.
+
+The frames are those of :mod:`multiprocessing.connection` (a 4-byte length, then the
+payload) so a stdlib peer can still talk to us, but:
+
+* TCP sockets set ``TCP_NODELAY``: without it every new authenticated connection pays the
+  ~40 ms Nagle/delayed-ACK stall;
+* connect and the HMAC handshake have timeouts, so a dead or silent peer cannot hang a caller;
+* a frame longer than ``max_frame`` is refused *before* its body is allocated;
+* nothing is unpickled before the peer has passed the HMAC challenge (done by the caller of
+  :meth:`Listener.accept`, as the stdlib server does, so a slow client never blocks accept);
+* payloads are pickled with protocol 5 and fall back to cloudpickle for lambdas and classes
+  that plain pickle cannot name.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import socket
+import struct
+import tempfile
+from multiprocessing import AuthenticationError, connection as _mpc
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, Optional, Tuple, Union
+
+import cloudpickle
+
+from . import config
+
+Address = Union[Tuple[str, int], str]
+
+__all__ = ["BigConnection", "Listener", "Client", "dumps", "loads", "FrameTooLarge",
+           "handshake_server", "handshake_client"]
+
+
+class FrameTooLarge(OSError):
+    """A peer announced a frame longer than the configured maximum."""
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` (protocol 5, multiprocessing reducers); cloudpickle what pickle can't name."""
+    buf = io.BytesIO()
+    try:
+        ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
+    except (pickle.PicklingError, AttributeError, TypeError) as first:
+        try:
+            return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise first from exc
+    return buf.getbuffer()
+
+
+def loads(data: Any) -> Any:
+    return pickle.loads(data)
+
+
+class BigConnection(_mpc.Connection):
+    """A :class:`multiprocessing.connection.Connection` with capped frames and cloudpickle fallback."""
+
+    max_frame: Optional[int] = None
+
+    def send(self, obj: Any) -> None:
+        self._check_closed()
+        self._check_writable()
+        self._send_bytes(dumps(obj))
+
+    def recv(self) -> Any:
+        self._check_closed()
+        self._check_readable()
+        limit = self.max_frame if self.max_frame is not None else config.max_frame()
+        buf = self._recv_bytes(limit)
+        if buf is None:
+            self.close()
+            raise FrameTooLarge(
+                f"peer sent a frame longer than the maximum of {limit} bytes "
+                "(BIGMP_MAX_FRAME); connection closed")
+        return pickle.loads(buf.getbuffer())
+
+    def _recv_bytes(self, maxsize=None):
+        # The stdlib reads the whole announced length before checking it against maxsize;
+        # read the header first so an absurd length costs nothing.
+        buf = self._recv(4)
+        size, = struct.unpack("!i", buf.getvalue())
+        if size == -1:
+            buf = self._recv(8)
+            size, = struct.unpack("!Q", buf.getvalue())
+        if size < 0 or (maxsize is not None and size > maxsize):
+            return None
+        return self._recv(size)
+
+    def shutdown(self) -> None:
+        """Wake any thread blocked on this connection (it sees EOF) without closing the fd."""
+        try:
+            s = socket.socket(fileno=os.dup(self.fileno()))
+        except OSError:
+            return
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            s.close()
+
+
+def _tune(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, getattr(socket, "AF_INET6", -1)):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def address_type(address: Address) -> str:
+    return "AF_UNIX" if isinstance(address, str) else "AF_INET"
+
+
+class _Deadline:
+    """Wraps a connection so each receive of the handshake waits at most ``timeout``."""
+
+    def __init__(self, conn: _mpc.Connection, timeout: Optional[float]):
+        self.conn, self.timeout = conn, timeout
+
+    def send_bytes(self, data):
+        self.conn.send_bytes(data)
+
+    def recv_bytes(self, maxlength=None):
+        if self.timeout is not None and not self.conn.poll(self.timeout):
+            raise TimeoutError(f"authentication handshake timed out after {self.timeout} s")
+        data = self.conn.recv_bytes(maxlength)
+        return data
+
+
+def handshake_server(conn: _mpc.Connection, authkey: bytes, timeout: Optional[float] = None) -> None:
+    """Server side of the stdlib HMAC challenge, with a deadline on each step."""
+    t = config.handshake_timeout() if timeout is None else timeout
+    d = _Deadline(conn, t)
+    try:
+        _mpc.deliver_challenge(d, authkey)
+        _mpc.answer_challenge(d, authkey)
+    except (EOFError, OSError) as exc:
+        if isinstance(exc, TimeoutError):
+            raise
+        raise AuthenticationError(f"authentication handshake failed: {exc!r}") from exc
+
+
+def handshake_client(conn: _mpc.Connection, authkey: bytes, timeout: Optional[float] = None) -> None:
+    """Client side of the stdlib HMAC challenge, with a deadline on each step."""
+    t = config.handshake_timeout() if timeout is None else timeout
+    d = _Deadline(conn, t)
+    try:
+        _mpc.answer_challenge(d, authkey)
+        _mpc.deliver_challenge(d, authkey)
+    except EOFError as exc:
+        raise AuthenticationError(
+            "server closed the connection during authentication (wrong authkey?)") from exc
+
+
+class Listener:
+    """A listening socket whose :meth:`accept` returns an *unauthenticated* BigConnection.
+
+    Same constructor as :class:`multiprocessing.connection.Listener`; when ``authkey`` is
+    given, :meth:`accept` runs the handshake itself (with a deadline).
+    """
+
+    def __init__(self, address: Optional[Address] = None, family: Optional[str] = None,
+                 backlog: int = 128, authkey: Optional[bytes] = None):
+        # As the stdlib: no address means a unix socket in a private temporary directory.
+        family = family or (address and address_type(address)) or "AF_UNIX"
+        self._tmpdir = None
+        if address is None:
+            address = unix_address() if family == "AF_UNIX" else ("127.0.0.1", 0)
+            if family == "AF_UNIX":
+                self._tmpdir = os.path.dirname(address)
+        if family == "AF_UNIX":
+            sock = socket.socket(socket.AF_UNIX)
+            old = os.umask(0o177)   # the socket file is 0600: only our user may connect
+            try:
+                sock.bind(address)
+            finally:
+                os.umask(old)
+            self._unlink = address
+        else:
+            sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            self._unlink = None
+        sock.listen(backlog)
+        self._socket = sock
+        self._family = family
+        self.address = sock.getsockname()
+        if family == "AF_INET6":
+            self.address = self.address[:2]
+        self._authkey = authkey
+        self.last_accepted = None
+
+    def accept(self) -> BigConnection:
+        s, self.last_accepted = self._socket.accept()
+        s.setblocking(True)
+        _tune(s)
+        conn = BigConnection(s.detach())
+        if self._authkey is not None:
+            try:
+                handshake_server(conn, self._authkey)
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def close(self) -> None:
+        sock, self._socket = self._socket, None
+        if sock is not None:
+            sock.close()
+        if self._unlink:
+            try:
+                os.unlink(self._unlink)
+            except OSError:
+                pass
+            self._unlink = None
+        if self._tmpdir:
+            try:
+                os.rmdir(self._tmpdir)
+            except OSError:
+                pass
+            self._tmpdir = None
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def Client(address: Address, family: Optional[str] = None, authkey: Optional[bytes] = None,
+           timeout: Optional[float] = None) -> BigConnection:
+    """Connect (with a timeout), set TCP_NODELAY and authenticate; like the stdlib ``Client``."""
+    t = config.connect_timeout() if timeout is None else timeout
+    family = family or address_type(address)
+    if family == "AF_UNIX":
+        s = socket.socket(socket.AF_UNIX)
+    else:
+        address = tuple(address)
+        s = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+    try:
+        s.settimeout(t)
+        _tune(s)
+        s.connect(address)
+        s.settimeout(None)
+    except socket.timeout as exc:
+        s.close()
+        raise TimeoutError(f"connecting to {address!r} timed out after {t} s") from exc
+    except BaseException:
+        s.close()
+        raise
+    conn = BigConnection(s.detach())
+    if authkey is not None:
+        try:
+            handshake_client(conn, authkey)
+        except BaseException:
+            conn.close()
+            raise
+    return conn
+
+
+def unix_address() -> str:
+    """A fresh path for a unix socket in a private temporary directory."""
+    d = tempfile.mkdtemp(prefix="bigmp-")
+    os.chmod(d, 0o700)
+    return os.path.join(d, "sock")
+

@@ -1,0 +1,320 @@
+"""Machine: the driver's handle on one machine, its states, and bigmachine's call contract.
+
+States only move forward: UNSTARTED -> STARTING -> RUNNING -> STOPPED. Calls wait for
+RUNNING, fail fast once STOPPED, and calls in flight when a machine stops raise at once
+(their connections are shut down under them).
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from multiprocessing import managers as _mpm
+from typing import Any, Dict, Iterator, Optional
+
+from . import connection, streams
+from .errors import MachineLost, MachineStopped
+
+log = logging.getLogger("bigmp.machine")
+
+__all__ = ["Machine", "State", "ServiceProxy"]
+
+
+class State(enum.IntEnum):
+    """A machine's state; it only ever moves forward."""
+
+    UNSTARTED = 0
+    STARTING = 1
+    RUNNING = 2
+    STOPPED = 3
+
+
+def _split(method: str):
+    service, dot, name = method.partition(".")
+    if not dot or not service or not name:
+        raise ValueError(f"method must be 'Service.method', not {method!r}")
+    return service, name
+
+
+class Machine:
+    """A machine of a session (or dialed from one). Create machines with :meth:`B.start`."""
+
+    def __init__(self, session, name: str, owned: bool = True):
+        self.name = name
+        self._b = session
+        self.owned = owned
+        self.addr: Any = None
+        self.hostname: Optional[str] = None
+        self.pid: Optional[int] = None
+        self._state = State.UNSTARTED
+        self._err: Optional[BaseException] = None
+        self._cond = threading.Condition()
+        self._idle: list = []
+        self._active: set = set()
+        self._pool_lock = threading.Lock()
+        self.launch = None          # the System's Launch (owned machines)
+        self.keepalive = None       # keepalive.Keeper (owned machines)
+        self.output = None          # output stream record (owned machines)
+        self._shutting_down = False
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.name} {self._state.name} addr={self.addr!r}>"
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def err(self) -> Optional[BaseException]:
+        """Why the machine stopped (None while it has not)."""
+        return self._err
+
+    def wait(self, state: State = State.RUNNING, timeout: Optional[float] = None) -> State:
+        """Block until the machine has reached ``state`` (or a later one); return its state.
+
+        Raises TimeoutError if that does not happen within ``timeout`` seconds.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._state >= state, timeout):
+                raise TimeoutError(f"{self.name} did not reach {state.name} within "
+                                   f"{timeout} s (it is {self._state.name})")
+            return self._state
+
+    def _set_state(self, state: State, err: Optional[BaseException] = None) -> bool:
+        with self._cond:
+            if state <= self._state:
+                return False
+            self._state = state
+            if state == State.STOPPED:
+                self._err = err
+            self._cond.notify_all()
+        if state == State.STOPPED:
+            self._close_connections()
+            if err is not None and not isinstance(err, _Shutdown):
+                log.warning("machine %s stopped: %s", self.name, err)
+        return True
+
+    def _stopped_error(self) -> MachineStopped:
+        err = self._err
+        cls = type(err) if isinstance(err, MachineStopped) else MachineStopped
+        exc = cls(f"machine {self.name} is stopped: {err}")
+        exc.__cause__ = err
+        return exc
+
+    def _wait_running(self, deadline: Optional[float]) -> None:
+        if self._state == State.RUNNING:
+            return
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            self.wait(State.RUNNING, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{self.name} was not RUNNING within the call's timeout") from None
+        if self._state == State.STOPPED:
+            raise self._stopped_error()
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _dial(self, timeout: Optional[float] = None) -> connection.BigConnection:
+        conn = connection.Client(self.addr, authkey=self._b.authkey, timeout=timeout)
+        try:
+            _mpm.dispatch(conn, None, "accept_bigmp", (f"driver->{self.name}", {"stream": True}))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _acquire(self) -> connection.BigConnection:
+        with self._pool_lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._dial()
+        with self._pool_lock:
+            self._active.add(conn)
+        if self._state == State.STOPPED:
+            self._release(conn, False)
+            raise self._stopped_error()
+        return conn
+
+    def _release(self, conn, reusable: bool) -> None:
+        with self._pool_lock:
+            self._active.discard(conn)
+            if reusable and self._state != State.STOPPED and len(self._idle) < 64:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _close_connections(self) -> None:
+        with self._pool_lock:
+            idle, self._idle = self._idle, []
+            active = list(self._active)
+        for conn in idle:
+            conn.close()
+        for conn in active:
+            conn.shutdown()   # wakes the caller blocked on it; it closes the fd itself
+
+    def _lost(self, exc: BaseException, what: str) -> BaseException:
+        """The error for a call whose connection broke: lost machine, or a temporary error."""
+        if self._state != State.STOPPED:
+            self.probe()
+        if self._state == State.STOPPED:
+            return self._stopped_error()
+        err = ConnectionError(f"connection to {self.name} lost during {what}: {exc!r}")
+        err.__cause__ = exc
+        return err
+
+    def probe(self) -> bool:
+        """Is the machine still there? A refused connection marks it STOPPED (lost)."""
+        try:
+            self._dial(timeout=self._b.options["connect_timeout"]).close()
+            return True
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
+            self._set_state(State.STOPPED, MachineLost(
+                f"machine {self.name} is gone: its address {self.addr!r} refuses connections "
+                f"({exc.strerror or exc!r})"))
+            return False
+        except (OSError, EOFError):
+            return self._state != State.STOPPED
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def call(self, method: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
+        """Call ``"Service.method"`` with the arguments; wait for RUNNING first.
+
+        A generator result comes back as an iterator streamed item by item; a generator,
+        file or :class:`bigmp.stream` argument is streamed to the machine. ``timeout``
+        bounds the whole call (TimeoutError); a STOPPED machine raises MachineStopped.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._wait_running(deadline)
+        return self._invoke(method, *args, _deadline=deadline, **kwargs)
+
+    def _invoke(self, method: str, *args: Any, _deadline: Optional[float] = None,
+                **kwargs: Any) -> Any:
+        """The call itself, whatever the state (bring-up uses it while STARTING)."""
+        service, name = _split(method)
+        deadline = _deadline
+        args, kwargs, sources = streams.split_stream_args(args, kwargs)
+        try:
+            conn = self._acquire()
+        except (OSError, EOFError) as exc:
+            raise self._lost(exc, method) from None
+        ok = False
+        try:
+            conn.send((service, name, args, kwargs))
+            if sources:
+                streams.send_sources(conn, sources)
+            if deadline is not None and not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"{method} on {self.name} did not return in time")
+            kind, result = conn.recv()
+            if kind == "#STREAM":
+                ok = None   # the stream owns the connection now
+                return self._stream(conn, method)
+            ok = True
+        except (EOFError, OSError) as exc:
+            if isinstance(exc, TimeoutError):
+                raise
+            raise self._lost(exc, method) from None
+        finally:
+            if ok is not None:
+                self._release(conn, ok)
+        if kind == "#RETURN":
+            return result
+        raise _mpm.convert_to_error(kind, result)
+
+    def _stream(self, conn, method: str) -> Iterator[Any]:
+        done = False
+        try:
+            while True:
+                try:
+                    kind, value = conn.recv()
+                except (EOFError, OSError) as exc:
+                    raise self._lost(exc, method) from None
+                if kind == "#ITEM":
+                    yield value
+                    continue
+                done = True
+                if kind == "#END":
+                    return
+                raise _mpm.convert_to_error(kind, value)
+        finally:
+            self._release(conn, done)
+
+    def call_async(self, method: str, *args: Any, timeout: Optional[float] = None,
+                   **kwargs: Any) -> "Future[Any]":
+        """Like :meth:`call`, returning a :class:`concurrent.futures.Future`."""
+        return self._b._executor().submit(self.call, method, *args, timeout=timeout, **kwargs)
+
+    async def acall(self, method: str, *args: Any, timeout: Optional[float] = None,
+                    **kwargs: Any) -> Any:
+        """Like :meth:`call`, for asyncio: ``await m.acall("PI.sample", n)``."""
+        return await asyncio.wrap_future(self.call_async(method, *args, timeout=timeout, **kwargs))
+
+    def retry_call(self, method: str, *args: Any, deadline: float = 60.0,
+                   backoff: float = 0.1, max_backoff: float = 5.0, **kwargs: Any) -> Any:
+        """:meth:`call`, retrying temporary (connection) errors with backoff for ``deadline`` s.
+
+        A remote exception or a STOPPED machine is not temporary and is raised at once.
+        """
+        end = time.monotonic() + deadline
+        delay = backoff
+        while True:
+            try:
+                return self.call(method, *args, **kwargs)
+            except MachineStopped:
+                raise
+            except (ConnectionError, TimeoutError) as exc:
+                if getattr(exc, "remote_origin", None):
+                    raise   # raised by the method itself, not by the network
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise
+                log.info("retrying %s on %s after %r", method, self.name, exc)
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, max_backoff)
+
+    def service(self, name: str) -> "ServiceProxy":
+        """A proxy whose methods call the service: ``m.service("PI").sample(n)``."""
+        return ServiceProxy(self, name)
+
+    def info(self) -> Dict[str, Any]:
+        """pid, hostname, CPUs, memory, disk, load and more, measured on the machine."""
+        return self.call("Supervisor.info")
+
+    def ping(self, timeout: Optional[float] = None) -> bool:
+        return self.call("Supervisor.ping", timeout=timeout)
+
+
+class _Shutdown(MachineStopped):
+    """The machine was shut down by its session (not an error)."""
+
+
+class ServiceProxy:
+    """A service of a machine as an object: attribute access gives callable methods."""
+
+    def __init__(self, machine: Machine, name: str):
+        self._machine = machine
+        self._name = name
+
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
+        full = f"{self._name}.{method}"
+        machine = self._machine
+
+        def call(*args, **kwargs):
+            return machine.call(full, *args, **kwargs)
+        call.__name__ = method
+        call.__qualname__ = full
+        return call
+
+    def _callmethod(self, methodname: str, args=(), kwds={}):
+        return self._machine.call(f"{self._name}.{methodname}", *args, **kwds)
+
+    def __repr__(self) -> str:
+        return f"<ServiceProxy {self._name} on {self._machine.name}>"
+

@@ -1,0 +1,282 @@
+"""BigServer: the stdlib manager server with its faults fixed, and bigmp's services on it.
+
+Differences from :class:`multiprocessing.managers.Server` that a caller can see:
+
+* a method's exception comes back with its remote traceback and the machine's name;
+* named services (``"PI"``) sit beside typeid-created objects in the same table, pinned
+  (no refcount), so ``("PI", "sample", args, kwds)`` is an ordinary manager request;
+* unknown services and methods are errors that list what exists;
+* a generator result is streamed to bigmp clients (they say so when they attach);
+* the handshake has deadlines, failed handshakes are logged and closed, each connection's
+  thread ends and closes its socket on every path, and the accept loop stops on shutdown.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import socket
+import sys
+import threading
+import types
+from multiprocessing import managers as _mpm, process as _process, util as _util
+from traceback import format_exc
+from typing import Any, Callable, Dict, Optional
+
+from . import connection, streams
+from .errors import UnknownMethod, UnknownService, pack_exception
+
+log = logging.getLogger("bigmp.server")
+
+__all__ = ["BigServer", "public_methods", "SERIALIZERS"]
+
+
+def public_methods(obj: Any) -> list:
+    """Callable attributes not starting with ``_`` (what a service exposes)."""
+    out = []
+    for name in dir(obj):
+        if name.startswith("_"):
+            continue
+        try:
+            if callable(getattr(obj, name)):
+                out.append(name)
+        except Exception:
+            continue
+    return out
+
+
+class _XmlListener(connection.Listener):
+    def accept(self):
+        conn = super().accept()
+        return _mpm.ConnectionWrapper(conn, _mpm._xml_dumps, _mpm._xml_loads)
+
+
+def _XmlClient(*args, **kwds):
+    return _mpm.ConnectionWrapper(connection.Client(*args, **kwds), _mpm._xml_dumps,
+                                  _mpm._xml_loads)
+
+
+# User-facing serializer name -> the name registered in the stdlib's table, so that every
+# stdlib code path that looks up ``listener_client[serializer]`` (servers, proxies,
+# AutoProxy, rebuilt proxies) gets our Listener/Client.
+SERIALIZERS = {"pickle": "bigmp", "xmlrpclib": "bigmp-xmlrpclib",
+               "bigmp": "bigmp", "bigmp-xmlrpclib": "bigmp-xmlrpclib"}
+_mpm.listener_client.setdefault("bigmp", (connection.Listener, connection.Client))
+_mpm.listener_client.setdefault("bigmp-xmlrpclib", (_XmlListener, _XmlClient))
+
+
+class BigServer(_mpm.Server):
+    """A manager server that is also a bigmp machine's RPC endpoint."""
+
+    public = list(_mpm.Server.public) + ["accept_bigmp"]
+
+    def __init__(self, registry: Dict[str, tuple], address: Any, authkey: bytes,
+                 serializer: str = "bigmp", name: Optional[str] = None):
+        serializer = SERIALIZERS.get(serializer, serializer)
+        super().__init__(registry, address, authkey, serializer)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.services: Dict[str, Any] = {}
+        self.stop_event = threading.Event()
+        self._local = threading.local()
+        self.on_connection_closed: Optional[Callable[[Any, Any], None]] = None
+        self.stats = None  # set by the stats module when per-method statistics are on
+
+    # -- services ---------------------------------------------------------------------
+
+    def install(self, name: str, obj: Any) -> None:
+        """Serve ``obj`` as service ``name``: all its public methods become callable."""
+        if not name or "." in name:
+            raise ValueError(f"bad service name {name!r}: it must be non-empty and contain no '.'")
+        with self.mutex:
+            self.services[name] = obj
+            self.id_to_obj[name] = (obj, set(public_methods(obj)), None)
+
+    def connection_state(self) -> Any:
+        """Per-connection scratch space for the method running in this thread."""
+        return getattr(self._local, "state", None)
+
+    def after_reply(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in this connection's thread once the current reply has been sent."""
+        self._local.after.append(fn)
+
+    # -- accepting ----------------------------------------------------------------------
+
+    def serve_forever(self):
+        """As the stdlib: serve until shutdown, then ``sys.exit(0)``."""
+        self.serve_until_stopped()
+        self.stop()
+        sys.exit(0)
+
+    def serve_until_stopped(self) -> None:
+        """Accept connections until :attr:`stop_event` is set."""
+        _process.current_process()._manager_server = self
+        accepter = threading.Thread(target=self.accepter, name="bigmp-accept", daemon=True)
+        accepter.start()
+        try:
+            while not self.stop_event.wait(1.0):
+                pass
+        except (KeyboardInterrupt, SystemExit):
+            pass
+
+    def accepter(self):
+        while not self.stop_event.is_set():
+            try:
+                c = self.listener.accept()
+            except OSError:
+                if self.stop_event.is_set() or self.listener._socket is None:
+                    return
+                continue
+            t = threading.Thread(target=self.handle_request, args=(c,), daemon=True,
+                                 name="bigmp-conn")
+            t.start()
+
+    def _handle_request(self, c):
+        try:
+            connection.handshake_server(c, self.authkey)
+        except Exception as exc:
+            # Nothing from an unauthenticated peer is unpickled; say why and hang up.
+            log.warning("%s: rejected a connection: %s", self.name, exc)
+            return
+        request = None
+        try:
+            request = c.recv()
+            ignore, funcname, args, kwds = request
+            if funcname not in self.public:
+                raise ValueError(f"{funcname!r} unrecognized")
+            func = getattr(self, funcname)
+        except Exception:
+            msg = ("#TRACEBACK", format_exc())
+        else:
+            try:
+                result = func(c, *args, **kwds)
+            except Exception:
+                msg = ("#TRACEBACK", format_exc())
+            else:
+                msg = ("#RETURN", result)
+        try:
+            c.send(msg)
+        except Exception:
+            pass
+
+    def handle_request(self, conn):
+        try:
+            self._handle_request(conn)
+        except (SystemExit, EOFError, OSError):
+            pass
+        finally:
+            conn.close()
+
+    def accept_bigmp(self, c, name: str, caps: dict):
+        """Like ``accept_connection``, for clients that understand streamed replies."""
+        threading.current_thread().name = name
+        c.send(("#RETURN", None))
+        self.serve_client(c, streaming=bool(caps.get("stream")))
+
+    def accept_connection(self, c, name):
+        threading.current_thread().name = name
+        c.send(("#RETURN", None))
+        self.serve_client(c)
+
+    # -- serving one connection -----------------------------------------------------------
+
+    def serve_client(self, conn, streaming: bool = False):
+        self._local.state = types.SimpleNamespace(conn=conn, driver=False)
+        self._local.after = []
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    request = conn.recv()
+                except (EOFError, OSError):
+                    return
+                msg, stream = self._dispatch(conn, request, streaming)
+                if not self._send(conn, msg, request):
+                    return
+                if stream is not None and not self._send_stream(conn, stream):
+                    return
+                after, self._local.after = self._local.after, []
+                for fn in after:
+                    fn()
+        finally:
+            hook = self.on_connection_closed
+            if hook is not None:
+                hook(conn, self._local.state)
+            conn.close()
+
+    def _lookup(self, ident):
+        try:
+            return self.id_to_obj[ident]
+        except KeyError:
+            try:
+                return self.id_to_local_proxy_obj[ident]
+            except KeyError:
+                pass
+        raise UnknownService(f"no service or shared object {ident!r} on {self.name}; "
+                             f"services: {sorted(self.services)}")
+
+    def _dispatch(self, conn, request, streaming):
+        """Run one request; return (reply, generator-to-stream-or-None)."""
+        methodname = obj = None
+        receivers: list = []
+        try:
+            ident, methodname, args, kwds = request
+            obj, exposed, gettypeid = self._lookup(ident)
+            if methodname not in exposed:
+                fallback = self.fallback_mapping.get(methodname)
+                if fallback is None:
+                    raise UnknownMethod(
+                        f"{type(obj).__name__} {ident!r} on {self.name} has no exposed method "
+                        f"{methodname!r}; methods: {sorted(exposed)}")
+                return ("#RETURN", fallback(self, conn, ident, obj, *args, **kwds)), None
+            function = getattr(obj, methodname)
+            if streaming:
+                args, kwds, receivers = streams.bind_stream_args(conn, args, kwds)
+            try:
+                res = function(*args, **kwds)
+            finally:
+                for rx in receivers:
+                    rx.drain()  # the caller sends every item before it reads the reply
+            if streaming and inspect.isgenerator(res):
+                return ("#STREAM", None), res
+            typeid = gettypeid and gettypeid.get(methodname, None)
+            if typeid:
+                rident, rexposed = self.create(conn, typeid, res)
+                token = _mpm.Token(typeid, self.address, rident)
+                return ("#PROXY", (rexposed, token)), None
+            return ("#RETURN", res), None
+        except Exception as e:
+            return ("#ERROR", pack_exception(e, self.name)), None
+
+    def _send(self, conn, msg, request) -> bool:
+        try:
+            try:
+                conn.send(msg)
+            except (EOFError, OSError, BrokenPipeError):
+                raise
+            except Exception as exc:
+                # The result (or exception) could not be pickled: say so, keep serving.
+                conn.send(("#ERROR", pack_exception(exc, self.name)))
+            return True
+        except (EOFError, OSError):
+            return False
+        except Exception:
+            _util.info("failure to send reply to %r", request)
+            return False
+
+    def _send_stream(self, conn, gen) -> bool:
+        try:
+            for item in gen:
+                conn.send(("#ITEM", item))
+        except (EOFError, OSError):
+            gen.close()   # the caller went away: run the generator's finally blocks
+            return False
+        except Exception as exc:
+            return self._send(conn, ("#ERROR", pack_exception(exc, self.name)), None)
+        return self._send(conn, ("#END", None), None)
+
+    def stop(self) -> None:
+        """Stop accepting and serving; close the listener."""
+        self.stop_event.set()
+        try:
+            self.listener.close()
+        except Exception:
+            pass

@@ -1,0 +1,16 @@
+"""Backends that start machines, one per module, behind :class:`bigmp.systems.base.System`."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from .base import Launch, System
+
+__all__ = ["System", "Launch", "get_system"]
+
+
+def get_system(name: str, options: Dict[str, Any]) -> System:
+    """The System called ``name`` (``local``; more backends to come)."""
+    if name == "local":
+        from .local import LocalSystem
+        return LocalSystem(options)
+    raise ValueError(f"unknown bigmp system {name!r}; available: local")

@@ -1,0 +1,140 @@
+"""The machine side: ``python -m bigmp.worker`` (or a forked child) becomes a machine.
+
+The launcher gives every worker the same three channels, whatever the backend:
+
+* fd 0, *control*: one line (a base64 pickle of the launch configuration), then nothing;
+  its EOF means the driver is gone and the machine exits;
+* fd 1, *handshake*: exactly one JSON line back (address, pid, versions), never scraped
+  from logs; afterwards fd 1 is pointed at fd 2;
+* fd 2, *output*: everything the machine prints, forwarded by the driver with a prefix.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import pickle
+import platform
+import signal
+import socket
+import sys
+from typing import Any, Dict, Optional
+
+from . import __version__
+from .server import BigServer
+from .supervisor import Supervisor, flush_all
+
+log = logging.getLogger("bigmp.worker")
+
+HANDSHAKE_VERSION = 1
+
+
+def encode_config(config: Dict[str, Any]) -> bytes:
+    return base64.b64encode(pickle.dumps(config, protocol=4)) + b"\n"
+
+
+def _read_line(fd: int) -> bytes:
+    chunks = []
+    while True:
+        b = os.read(fd, 65536)
+        if not b:
+            break
+        chunks.append(b)
+        if b.endswith(b"\n"):
+            break
+    return b"".join(chunks)
+
+
+def _fresh_stdio() -> None:
+    # New line-buffered text files on fds 1 and 2: a forked child must not inherit a
+    # buffer lock some driver thread held at fork time, and lines should leave promptly.
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True,
+                                  errors="backslashreplace")
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True,
+                                  errors="backslashreplace")
+    sys.__stdout__, sys.__stderr__ = sys.stdout, sys.stderr
+
+
+def _apply_environment(config: Dict[str, Any]) -> None:
+    environ = config.get("environ")
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
+    for p in reversed(config.get("sys_path") or []):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    prep = config.get("main")
+    if prep:
+        # As multiprocessing's spawn does: load the driver's main module as __mp_main__
+        # so that functions and classes pickled by reference from __main__ resolve.
+        from multiprocessing import spawn
+        try:
+            spawn.prepare(prep)
+        except Exception as exc:
+            print(f"bigmp: could not import the driver's main module here: {exc!r}",
+                  file=sys.stderr)
+    if config.get("argv") is not None:
+        sys.argv[:] = list(config["argv"])
+
+
+def serve(config: Dict[str, Any], handshake_fd: int, lifeline_fd: Optional[int]) -> str:
+    """Run a machine until it is told to exit; returns the reason."""
+    from .cluster import B
+
+    name = config["name"]
+    os.environ["BIGMP_MACHINE"] = name
+    authkey = config["authkey"]
+    listen = config.get("listen")
+    server = BigServer({}, listen, authkey, "bigmp", name=name)
+    session = B.remote(authkey, config=config.get("options") or {})
+    supervisor = Supervisor(server, session, lease=config["lease"], grace=config["grace"])
+    server.install("Supervisor", supervisor)
+    hello = {"v": HANDSHAKE_VERSION, "addr": server.address, "pid": os.getpid(),
+             "hostname": socket.gethostname(), "python": platform.python_version(),
+             "bigmp": __version__, "name": name}
+    os.write(handshake_fd, (json.dumps(hello) + "\n").encode())
+    if handshake_fd == 1:
+        os.dup2(2, 1)
+    else:
+        os.close(handshake_fd)
+    supervisor.watch(lifeline_fd)
+    server.serve_until_stopped()
+    reason = supervisor.exit_reason or "server stopped"
+    server.stop()
+    return reason
+
+
+def main() -> None:
+    """Entry point of every machine process (fds 0, 1, 2 set up as the module doc says)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the driver's to handle
+    code = 0
+    try:
+        _fresh_stdio()
+        line = _read_line(0)
+        if not line.strip():
+            raise SystemExit("bigmp.worker: no launch configuration on stdin")
+        config = pickle.loads(base64.b64decode(line))
+        _apply_environment(config)
+        if config.get("log_level"):
+            logging.basicConfig(level=config["log_level"], stream=sys.stderr,
+                                format="%(levelname)s %(name)s: %(message)s")
+        reason = serve(config, 1, 0)
+        if not reason.startswith("shut down by"):
+            print(f"bigmp: machine exiting: {reason}", file=sys.stderr)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+        if not isinstance(exc.code, int) and exc.code is not None:
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    finally:
+        flush_all()
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
