@@ -27,8 +27,7 @@ from .errors import MachineLost, StartError
 from .keepalive import Keeper
 from .machine import Machine, State, _Shutdown
 from .systems import System, get_system
-from .systems.base import read_handshake
-from .worker import encode_config
+from .systems.base import encode_config, read_handshake
 
 log = logging.getLogger("bigmp")
 
@@ -151,7 +150,6 @@ class B:
             if not isinstance(exc, StartError):
                 exc = StartError(f"{m.name} failed to start: {exc!r}")
             m._set_state(State.STOPPED, exc)
-            self._release(m)
             return
         finally:
             os.close(launch.handshake)
@@ -176,7 +174,6 @@ class B:
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
         m._set_state(State.STOPPED, MachineLost(f"machine {m.name} exited ({how})"
                                                 + self._tail(m)))
-        self._release(m)
 
     def _release(self, m: Machine) -> None:
         """Stop watching a STOPPED machine and make sure its process is gone."""
@@ -271,14 +268,15 @@ class B:
         return f"<bigmp.B {kind} machines={len(self._machines)}>"
 
 
-def start(system: Optional[str] = None, **options: Any) -> B:
+def start(system: Optional[str] = None, *, authkey: Optional[bytes] = None,
+          **options: Any) -> B:
     """Start a session: ``with bigmp.start(system="local") as b: ...``.
 
     Options (see :mod:`bigmp.config`) come from these keywords, then ``BIGMP_*`` environment
-    variables, then defaults.
+    variables, then defaults. ``authkey`` defaults to a fresh random key per session.
     """
     opts = _config.resolve(system=system, **options)
-    return B(get_system(opts["system"], opts), opts)
+    return B(get_system(opts["system"], opts), opts, authkey=authkey)
 
 
 @atexit.register

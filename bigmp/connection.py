@@ -233,7 +233,11 @@ class Listener:
 
 def Client(address: Address, family: Optional[str] = None, authkey: Optional[bytes] = None,
            timeout: Optional[float] = None) -> BigConnection:
-    """Connect (with a timeout), set TCP_NODELAY and authenticate; like the stdlib ``Client``."""
+    """Connect, set TCP_NODELAY and authenticate; like the stdlib ``Client``.
+
+    ``timeout`` bounds the connect and each handshake step (default: the
+    ``connect_timeout`` and ``handshake_timeout`` options).
+    """
     t = config.connect_timeout() if timeout is None else timeout
     family = family or address_type(address)
     if family == "AF_UNIX":
@@ -255,7 +259,7 @@ def Client(address: Address, family: Optional[str] = None, authkey: Optional[byt
     conn = BigConnection(s.detach())
     if authkey is not None:
         try:
-            handshake_client(conn, authkey)
+            handshake_client(conn, authkey, timeout)
         except BaseException:
             conn.close()
             raise

@@ -64,10 +64,6 @@ class UnknownMethod(BigmpError, AttributeError):
     """The service has no public method of that name."""
 
 
-def _describe(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-
-
 def _rebuild(data: Optional[bytes], tb: Optional[dict], text: str, type_name: str,
              origin: str) -> BaseException:
     """Runs in the caller when the error frame is unpickled."""

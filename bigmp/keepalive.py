@@ -55,7 +55,7 @@ class Keeper:
                 break
             try:
                 if conn is None:
-                    conn = m._dial(timeout=min(self.timeout, 10.0))
+                    conn = m._dial(timeout=max(0.05, self.timeout - waited))
                 t0 = time.monotonic()
                 conn.send(("Supervisor", "keepalive", (self.lease,), {}))
                 left = self.timeout - (t0 - self.last_ok)
@@ -77,13 +77,11 @@ class Keeper:
             except (ConnectionRefusedError, FileNotFoundError) as exc:
                 self._fail(f"its address refuses connections ({exc!r})")
                 break
-            except (EOFError, OSError) as exc:
+            except Exception as exc:   # EOF, reset, or a handshake cut short by an exit
                 if conn is not None:
                     conn.close()
                     conn = None
                 if self._stop.is_set():
-                    break
-                if not m.probe():
                     break
                 log.info("keepalive to %s failed (%r); retrying", m.name, exc)
                 self._stop.wait(min(self.interval, 0.5))

@@ -97,6 +97,8 @@ class Machine:
             self._close_connections()
             if err is not None and not isinstance(err, _Shutdown):
                 log.warning("machine %s stopped: %s", self.name, err)
+            if self.owned:
+                self._b._release(self)   # stop its keepalive; kill what is left of it
         return True
 
     def _stopped_error(self) -> MachineStopped:
@@ -159,16 +161,22 @@ class Machine:
 
     def _lost(self, exc: BaseException, what: str) -> BaseException:
         """The error for a call whose connection broke: lost machine, or a temporary error."""
-        if self._state != State.STOPPED:
-            self.probe()
+        # A dying process may still accept a connection and then reset it: ask again
+        # briefly until the answer is clear (or the exit has been reported).
+        deadline = time.monotonic() + 2.0
+        while self.probe() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         if self._state == State.STOPPED:
             return self._stopped_error()
         err = ConnectionError(f"connection to {self.name} lost during {what}: {exc!r}")
         err.__cause__ = exc
         return err
 
-    def probe(self) -> bool:
-        """Is the machine still there? A refused connection marks it STOPPED (lost)."""
+    def probe(self) -> Optional[bool]:
+        """Is the machine still there? True: it answered; False: it is gone (now STOPPED);
+        None: cannot tell yet (the connection broke during the handshake)."""
+        if self._state == State.STOPPED:
+            return False
         try:
             self._dial(timeout=self._b.options["connect_timeout"]).close()
             return True
@@ -177,8 +185,8 @@ class Machine:
                 f"machine {self.name} is gone: its address {self.addr!r} refuses connections "
                 f"({exc.strerror or exc!r})"))
             return False
-        except (OSError, EOFError):
-            return self._state != State.STOPPED
+        except Exception:
+            return None if self._state != State.STOPPED else False
 
     # -- calls ----------------------------------------------------------------------------
 

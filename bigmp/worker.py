@@ -31,10 +31,6 @@ log = logging.getLogger("bigmp.worker")
 HANDSHAKE_VERSION = 1
 
 
-def encode_config(config: Dict[str, Any]) -> bytes:
-    return base64.b64encode(pickle.dumps(config, protocol=4)) + b"\n"
-
-
 def _read_line(fd: int) -> bytes:
     chunks = []
     while True:

@@ -7,13 +7,15 @@ outside ``systems/`` and are the same for every backend.
 from __future__ import annotations
 
 import abc
+import base64
 import os
+import pickle
 import select
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ["System", "Launch", "read_handshake"]
+__all__ = ["System", "Launch", "read_handshake", "encode_config"]
 
 
 class Launch(abc.ABC):
@@ -88,6 +90,11 @@ class System(abc.ABC):
 
     def shutdown(self) -> None:
         """Release what the backend holds (fork server, SSH connections, ...)."""
+
+
+def encode_config(config: Dict[str, Any]) -> bytes:
+    """The control line a worker reads first (see :mod:`bigmp.worker`)."""
+    return base64.b64encode(pickle.dumps(config, protocol=4)) + b"\n"
 
 
 def read_handshake(fd: int, timeout: float) -> bytes:

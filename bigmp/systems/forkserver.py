@@ -15,6 +15,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from typing import Callable, Dict, List
 
 __all__ = ["ForkServer"]
@@ -170,11 +171,22 @@ class ForkServer:
         """Stop the fork server (its machines keep running until their own channels close)."""
         self._closed = True
         try:
-            self._sock.close()
+            # shutdown, not just close: the reader thread blocked in recv holds the socket
+            # open, and the fork server would never see EOF.
+            self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        try:
+        self._sock.close()
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
+        if not pid:
+            os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
 

@@ -252,6 +252,7 @@ def register_compat_typeids(cls):
     cls.register("TrackerStats", TrackerStats)
     cls.register("get_shared_queue", get_shared_queue)
     cls.register("Failing", failing_factory)
+    cls.register("Seq", list, exposed=("__len__", "__getitem__", "__contains__", "append"))
     return cls
 
 
@@ -422,6 +423,10 @@ def child_recv_proxy_from_pipe(conn):
     return counter.increment(7)
 
 
+def pool_task_increment(counter, n):
+    return counter.increment(n)
+
+
 # ---------------------------------------------------------------------------
 # Functions run in child processes (SyncManager suite)
 # ---------------------------------------------------------------------------
@@ -528,9 +533,17 @@ def child_value_array_ops(value, array):
 
 
 def child_pool_ops(pool):
+    # Note: no apply_async/imap here.  With the stdlib, a proxy that was
+    # unpickled in another process has no manager, so methods listed in
+    # method_to_typeid (which must build a new proxy) fail there.
     return (pool.map(square, range(5)),
             pool.apply(square, (7,)),
-            pool.apply_async(square, (8,)).get(TIMEOUT))
+            pool.starmap(pow, [(2, 6)]))
+
+
+def pool_task_put(q, item):
+    q.put(item * 2)
+    return item
 
 
 def child_queue_get_nowait_empty(q):

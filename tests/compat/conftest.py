@@ -22,6 +22,43 @@ def pytest_configure(config):
         config.addinivalue_line("markers", "timeout(seconds): per-test timeout (pytest-timeout)")
 
 
+@pytest.fixture(scope="package", autouse=True)
+def _loopback_tcp_nodelay():
+    """Set TCP_NODELAY on multiprocessing.connection's TCP client sockets.
+
+    The stdlib manager protocol ends the client's authentication handshake
+    with a write immediately followed by the request write; with Nagle's
+    algorithm and the peer's delayed ACK every new connection then stalls
+    ~40 ms on loopback, which would make the stdlib half of this suite several
+    times slower.  The option changes timing only, never the protocol or the
+    semantics under test.  Package-scoped, so tests outside tests/compat never
+    see the patch.  Set BIGMP_COMPAT_KEEP_NAGLE=1 to disable.
+    """
+    import socket
+    import multiprocessing.connection as mpc
+
+    if os.environ.get("BIGMP_COMPAT_KEEP_NAGLE"):
+        yield
+        return
+    original = mpc.SocketClient
+
+    def SocketClient(address):
+        family = mpc.address_type(address)
+        if family != "AF_INET":
+            return original(address)
+        with socket.socket(socket.AF_INET) as s:
+            s.setblocking(True)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.connect(address)
+            return mpc.Connection(s.detach())
+
+    mpc.SocketClient = SocketClient
+    try:
+        yield
+    finally:
+        mpc.SocketClient = original
+
+
 def _bigmp_attr(name):
     bigmp = pytest.importorskip("bigmp")
     cls = getattr(bigmp, name, None)
@@ -98,6 +135,18 @@ def manager(make_manager, compat_cls):
 def sm(make_manager, sync_cls):
     """A started SyncManager / BigSyncManager (loopback, explicit authkey)."""
     return make_manager(sync_cls)
+
+
+@pytest.fixture
+def sm_default(make_manager, sync_cls):
+    """A started SyncManager with the default (process) authkey.
+
+    The stdlib only supports proxies nested inside managed objects (and
+    proxies handed to the server, e.g. Condition(lock_proxy)) when the manager
+    uses the process authkey: proxies rebuilt from the server's replies do
+    not carry the manager's authkey.
+    """
+    return make_manager(sync_cls, authkey=None)
 
 
 @pytest.fixture(params=["fork", "spawn"])

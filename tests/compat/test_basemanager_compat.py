@@ -107,6 +107,28 @@ class TestRegister:
         assert m.Counter(5).increment() == 6
         assert m.Foo().add(1, 2) == 3
 
+    def test_register_explicit_autoproxy(self, base_cls, make_manager):
+        class M(base_cls):
+            pass
+
+        M.register("Foo", H.FooBar, proxytype=multiprocessing.managers.AutoProxy)
+        m = make_manager(M)
+        foo = m.Foo()
+        assert isinstance(foo, BaseProxy)
+        assert foo.add(1, 2) == 3
+
+    def test_register_without_callable_proxies_the_argument(self, base_cls, make_manager):
+        class M(base_cls):
+            pass
+
+        M.register("Wrap")
+        m = make_manager(M)
+        wrapped = m.Wrap(H.Point(1, 2))  # the server proxies (a copy of) the argument
+        assert wrapped.norm2() == 5
+        assert wrapped.move(1, 1) == (2, 3)
+        with pytest.raises(Exception):
+            m.Wrap()  # without a callable exactly one argument is required
+
     def test_default_exposed_is_public_methods(self, manager):
         foo = manager.Foo()
         present = [n for n in ("f", "g", "_h", "add", "echo") if hasattr(foo, n)]
@@ -137,9 +159,14 @@ class TestRegister:
         assert counter.increment_twice() == 17
         assert counter.count == 17
         assert counter.value() == 17
+        assert not hasattr(counter, "secret")
+
+    def test_proxytype_exposed_limits_callmethod(self, manager):
+        counter = manager.Counter()
         # 'secret' is public on the referent but not in CounterProxy._exposed_
         with pytest.raises(RemoteError):
             counter._callmethod("secret")
+        assert counter.increment() == 1
 
     def test_method_to_typeid_returns_proxy_of_registered_proxytype(self, manager):
         factory = manager.Factory()
@@ -190,6 +217,17 @@ class TestLifecycle:
         address = m.address
         m.shutdown()
         _assert_nothing_listens(address)
+
+    def test_proxy_call_after_shutdown_raises(self, make_manager, compat_cls):
+        m = make_manager(compat_cls)
+        used = m.Foo()
+        assert used.f() == "f()"  # this thread now has a connection
+        unused = m.Counter()  # ... and this proxy's first call will need a new one
+        m.shutdown()
+        with pytest.raises((EOFError, OSError)):
+            used.f()
+        with pytest.raises((EOFError, OSError)):
+            unused.increment()
 
     def test_shutdown_is_idempotent(self, make_manager, compat_cls):
         m = make_manager(compat_cls)
@@ -388,6 +426,25 @@ class TestProxies:
         assert foo.add(a=[1], b=[2]) == [1, 2]
         assert foo.echo(1, "two", x=3.0, y=None) == ((1, "two"), {"x": 3.0, "y": None})
 
+    def test_callmethod_with_args_and_kwds(self, manager):
+        foo = manager.Foo()
+        assert foo._callmethod("add", (1,), {"b": 2}) == 3
+        assert foo._callmethod("echo", (1, 2), {"k": "v"}) == ((1, 2), {"k": "v"})
+        with pytest.raises(ValueError, match="g failed"):
+            foo._callmethod("g")
+
+    def test_exposed_dunder_methods(self, manager):
+        seq = manager.Seq([1, 2])
+        assert len(seq) == 2
+        assert seq[0] == 1 and seq[-1] == 2
+        assert 2 in seq and 3 not in seq
+        seq.append(3)
+        assert len(seq) == 3
+        assert [x for x in seq] == [1, 2, 3]  # iteration via __getitem__/IndexError
+        with pytest.raises(IndexError):
+            seq[10]
+        assert not hasattr(seq, "pop")
+
     def test_constructor_args_and_kwargs(self, manager):
         p = manager.Point(3, y=4)
         assert p.norm2() == 25
@@ -514,8 +571,9 @@ class TestProxies:
         assert isinstance(clone, H.CounterProxy)
         assert clone.increment() == 2
         assert counter.value() == 2
-        foo = pickle.loads(pickle.dumps(m.Foo()))
-        assert foo.f() == "f()"
+        foo = m.Foo()  # keep the original alive: it owns the server-side reference
+        foo_clone = pickle.loads(pickle.dumps(foo))
+        assert foo_clone.f() == "f()"
 
     def test_pickle_serializer_explicit(self, make_manager, compat_cls):
         m = make_manager(compat_cls, serializer="pickle")
@@ -580,6 +638,16 @@ class TestProxiesInChildren:
         out = H.run_in_child(child_ctx, H.child_use_counter_and_foo, counter, manager.Foo())
         assert out["twice"] == 57
         assert counter.value() == 57
+
+    def test_proxy_passed_to_pool_workers(self, make_manager, compat_cls, fork_ctx):
+        # Pool tasks pickle proxies outside of spawning: with the stdlib they then
+        # carry no authkey, so this relies on the process authkey (authkey=None).
+        m = make_manager(compat_cls, authkey=None)
+        counter = m.Counter(0)
+        with fork_ctx.Pool(2) as pool:
+            results = pool.starmap(H.pool_task_increment, [(counter, 1)] * 8)
+        assert sorted(results) == list(range(1, 9))
+        assert counter.value() == 8
 
     def test_fork_child_uses_inherited_manager(self, manager, fork_ctx):
         assert H.run_in_child(fork_ctx, H.child_create_via_inherited_manager,

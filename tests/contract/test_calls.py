@@ -1,0 +1,103 @@
+"""The call contract: call, proxies, futures, asyncio, timeouts, retries, concurrency."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+
+import pytest
+
+import bigmp
+from bigmp import State
+from tests.services import Barrier, Echo
+
+
+@pytest.fixture
+def machine(session):
+    m = session.start(1, services={"Echo": Echo()})[0]
+    m.wait(State.RUNNING, timeout=30)
+    return m
+
+
+def test_call_waits_for_running_and_returns(session):
+    m = session.start(1, services={"Echo": Echo()})[0]
+    assert m.call("Echo.add", 2, b=3) == 5   # issued while STARTING
+
+
+def test_call_arguments_roundtrip(machine):
+    value = {"a": [1, 2.5, None], "b": b"\x00" * 100000, "c": ("t", {1, 2})}
+    assert machine.call("Echo.echo", value) == value
+    assert machine.call("Echo.echo", lambda x: x + 1)(1) == 2   # cloudpickle fallback
+
+
+def test_service_proxy(machine):
+    echo = machine.service("Echo")
+    assert echo.add(1, 2) == 3
+    assert echo.echo("x") == "x"
+    with pytest.raises(AttributeError):
+        echo._private
+
+
+def test_call_async_returns_future(machine):
+    fut = machine.call_async("Echo.add", 40, 2)
+    assert isinstance(fut, concurrent.futures.Future)
+    assert fut.result(timeout=30) == 42
+    bad = machine.call_async("Echo.fail", "async boom")
+    with pytest.raises(ValueError, match="async boom"):
+        bad.result(timeout=30)
+
+
+def test_acall_in_asyncio(machine):
+    async def main():
+        return await asyncio.gather(*(machine.acall("Echo.add", i, 1) for i in range(20)))
+    assert asyncio.run(main()) == [i + 1 for i in range(20)]
+
+
+def test_timeout_raises_and_machine_keeps_serving(machine):
+    with pytest.raises(TimeoutError):
+        machine.call("Echo.sleep", 5, timeout=0.2)
+    assert machine.call("Echo.echo", 7, timeout=10) == 7
+
+
+def test_calls_run_concurrently(session):
+    m = session.start(1, services={"B": Barrier(4)})[0]
+    futures = [m.call_async("B.wait", 20) for _ in range(4)]
+    results = sorted(f.result(timeout=30) for f in futures)
+    assert results == [0, 1, 2, 3]
+
+
+def test_many_threads_share_a_machine(machine):
+    errors = []
+
+    def worker(i):
+        try:
+            for j in range(50):
+                assert machine.call("Echo.add", i, j) == i + j
+        except Exception as exc:   # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_retry_call_returns_when_no_error(machine):
+    assert machine.retry_call("Echo.add", 1, 1, deadline=5) == 2
+
+
+def test_retry_call_does_not_retry_remote_errors(machine):
+    with pytest.raises(ValueError, match="once"):
+        machine.retry_call("Echo.fail", "once", deadline=5)
+
+
+def test_retry_call_retries_connection_errors_until_deadline(session):
+    m = session.dial("/nonexistent/bigmp-test.sock")
+    with pytest.raises(bigmp.MachineStopped):
+        m.retry_call("Echo.echo", 1, deadline=1)
+
+
+def test_bad_method_name_is_named(machine):
+    with pytest.raises(ValueError, match="Service.method"):
+        machine.call("nodot")

@@ -1,0 +1,55 @@
+"""Streaming results and arguments."""
+from __future__ import annotations
+
+import io
+
+import pytest
+
+import bigmp
+from bigmp import State
+from tests.services import Echo
+
+
+@pytest.fixture
+def machine(session):
+    m = session.start(1, services={"Echo": Echo()})[0]
+    m.wait(State.RUNNING, timeout=30)
+    return m
+
+
+def test_generator_result_is_streamed(machine):
+    it = machine.call("Echo.count", 1000)
+    assert not isinstance(it, list)
+    assert list(it) == list(range(1000))
+    assert machine.call("Echo.echo", 1) == 1
+
+
+def test_exception_mid_stream_is_raised_at_that_point(machine):
+    got = []
+    with pytest.raises(KeyError, match="mid-stream"):
+        for x in machine.call("Echo.count_then_fail", 3):
+            got.append(x)
+    assert got == [0, 1, 2]
+
+
+def test_abandoned_stream_does_not_break_the_machine(machine):
+    it = machine.call("Echo.count", 10 ** 7)
+    assert next(it) == 0
+    it.close()
+    assert machine.call("Echo.echo", "ok") == "ok"
+
+
+def test_generator_argument_is_streamed(machine):
+    def numbers():
+        yield from range(10000)
+    assert machine.call("Echo.total", numbers()) == sum(range(10000))
+    assert machine.call("Echo.total", bigmp.stream([1, 2, 3])) == 6
+
+
+def test_file_argument_is_streamed(machine, tmp_path):
+    data = bytes(range(256)) * 20000
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        assert machine.call("Echo.read_all", f) == data
+    assert machine.call("Echo.lines", io.BytesIO(b"a\nbb\nccc\n")) == [b"a", b"bb", b"ccc"]

@@ -1,0 +1,123 @@
+"""Services used by the tests (importable, so spawned machines can load them by reference)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+
+class Echo:
+    def echo(self, x):
+        return x
+
+    def add(self, a, b=0):
+        return a + b
+
+    def pid(self):
+        return os.getpid()
+
+    def env(self, name):
+        return os.environ.get(name)
+
+    def argv(self):
+        return list(sys.argv)
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+    def fail(self, message):
+        raise ValueError(message)
+
+    def say(self, *lines):
+        for line in lines:
+            print(line)
+        return len(lines)
+
+    def say_err(self, text):
+        print(text, file=sys.stderr)
+
+    def shell(self, command):
+        # A subprocess writes straight to fd 1: captured only if capture is at fd level.
+        return subprocess.call(command, shell=True)
+
+    def count(self, n):
+        for i in range(n):
+            yield i
+
+    def count_then_fail(self, n):
+        for i in range(n):
+            yield i
+        raise KeyError("mid-stream")
+
+    def total(self, items):
+        return sum(items)
+
+    def read_all(self, f):
+        return f.read()
+
+    def lines(self, f):
+        return [line.rstrip(b"\n") for line in f]
+
+    def unpicklable_result(self):
+        return threading.Lock()
+
+    def unpicklable_error(self):
+        raise UnpicklableError(threading.Lock())
+
+    def bad_unpickle_error(self):
+        raise BadUnpickle("a", "b")
+
+    def _private(self):
+        return "hidden"
+
+
+class UnpicklableError(Exception):
+    pass
+
+
+class BadUnpickle(Exception):
+    """Pickles fine, but its __init__ needs two arguments and args holds one."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a}-{b}")
+
+
+class Barrier:
+    """Proves calls run concurrently: n callers must all be inside wait() at once."""
+
+    def __init__(self, n):
+        self.n = n
+        self._barrier = None
+
+    def init(self, b):
+        self._barrier = threading.Barrier(self.n)
+
+    def wait(self, timeout):
+        return self._barrier.wait(timeout)
+
+
+class WithInit:
+    def __init__(self):
+        self.ready = False
+
+    def init(self, b):
+        self.ready = True
+        self.session = b
+
+    def is_ready(self):
+        return self.ready
+
+    def forward(self, addr, method, *args):
+        """Call another machine of the session from this one."""
+        return self.session.dial(addr).call(method, *args)
+
+
+class FailingInit:
+    def init(self, b):
+        raise RuntimeError("init refused")
+
+    def never(self):
+        return "unreachable"
