@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import traceback
+from multiprocessing.managers import RemoteError as _MpRemoteError
 from typing import Any, Optional
 
 import cloudpickle
@@ -19,7 +20,7 @@ except ImportError:  # pragma: no cover - tblib is a declared dependency
     _TbTraceback = None
 
 __all__ = ["BigmpError", "MachineStopped", "MachineLost", "RemoteError", "UnknownService",
-           "UnknownMethod", "StartError"]
+           "UnknownMethod", "Unserializable", "StartError"]
 
 
 class BigmpError(Exception):
@@ -38,7 +39,7 @@ class StartError(MachineStopped):
     """The machine failed while starting (launch, handshake, service registration or init)."""
 
 
-class RemoteError(BigmpError):
+class RemoteError(BigmpError, _MpRemoteError):
     """A remote exception that could not travel as itself; ``str()`` has the remote traceback."""
 
     def __init__(self, message: str, remote_type: str = "", remote_traceback: str = ""):
@@ -56,12 +57,22 @@ class RemoteError(BigmpError):
         return text
 
 
-class UnknownService(BigmpError, LookupError):
-    """No service of that name is installed on the machine."""
+class _Named(BigmpError, _MpRemoteError):
+    # Also a multiprocessing RemoteError: what stdlib manager code catches for these.
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
-class UnknownMethod(BigmpError, AttributeError):
-    """The service has no public method of that name."""
+class UnknownService(_Named, LookupError):
+    """No service (or shared object) of that name is on the machine."""
+
+
+class UnknownMethod(_Named, AttributeError):
+    """The service has no public (exposed) method of that name."""
+
+
+class Unserializable(_Named, TypeError):
+    """A result could not be pickled to send it back (the stdlib's ``#UNSERIALIZABLE``)."""
 
 
 def _rebuild(data: Optional[bytes], tb: Optional[dict], text: str, type_name: str,

@@ -12,6 +12,7 @@ and code keeps working; in addition:
 """
 from __future__ import annotations
 
+import copyreg
 import os
 import signal
 import threading
@@ -26,6 +27,9 @@ __all__ = ["BigManager", "BigSyncManager", "BigProxy", "BigAutoProxy", "Token"]
 Token = _mpm.Token
 
 
+_legacy_servers: set = set()
+
+
 class BigProxyMixin:
     """What bigmp changes in :class:`multiprocessing.managers.BaseProxy`."""
 
@@ -33,8 +37,20 @@ class BigProxyMixin:
         name = _process.current_process().name
         if threading.current_thread().name != "MainThread":
             name += "|" + threading.current_thread().name
-        conn = self._Client(self._token.address, authkey=self._authkey)
-        _mpm.dispatch(conn, None, "accept_bigmp", (name, {"stream": True}))
+        address = self._token.address
+        conn = self._Client(address, authkey=self._authkey)
+        if address not in _legacy_servers:
+            try:
+                _mpm.dispatch(conn, None, "accept_bigmp", (name, {"stream": True}))
+                self._tls.connection = conn
+                return
+            except _mpm.RemoteError as exc:
+                conn.close()
+                if "unrecognized" not in str(exc):
+                    raise
+                _legacy_servers.add(address)   # a stdlib server: speak its dialect
+                conn = self._Client(address, authkey=self._authkey)
+        _mpm.dispatch(conn, None, "accept_connection", (name,))
         self._tls.connection = conn
 
     def _callmethod(self, methodname, args=(), kwds={}):
@@ -126,6 +142,19 @@ class BigProxy(BigProxyMixin, _mpm.BaseProxy):
 _wrapped_cache: dict = {}
 
 
+class _WrappedProxyMeta(type):
+    """Metaclass of wrapped proxy types, so pickle can rebuild them from the user's class."""
+
+
+def _reduce_wrapped_type(cls):
+    return (wrap_proxytype, (cls._bigmp_base,))
+
+
+# copyreg is consulted (by metaclass) before pickle falls back to "save the class by name",
+# which would fail: the wrapped type has the user's qualname but is not that object.
+copyreg.pickle(_WrappedProxyMeta, _reduce_wrapped_type)
+
+
 def wrap_proxytype(proxytype: Any) -> Any:
     """A subclass of a user's ``BaseProxy`` subclass with bigmp's fixes mixed in."""
     if proxytype is None or proxytype is _mpm.AutoProxy:
@@ -136,7 +165,13 @@ def wrap_proxytype(proxytype: Any) -> Any:
         return proxytype
     wrapped = _wrapped_cache.get(proxytype)
     if wrapped is None:
-        wrapped = type(proxytype.__name__, (BigProxyMixin, proxytype),
+        meta = type(proxytype)
+        if meta is not type:
+            meta = type("_Wrapped" + meta.__name__, (_WrappedProxyMeta, meta), {})
+            copyreg.pickle(meta, _reduce_wrapped_type)
+        else:
+            meta = _WrappedProxyMeta
+        wrapped = meta(proxytype.__name__, (BigProxyMixin, proxytype),
                        {"__module__": proxytype.__module__, "_bigmp_base": proxytype,
                         "__qualname__": proxytype.__qualname__})
         _wrapped_cache[proxytype] = wrapped
@@ -232,10 +267,17 @@ class BigManager(_mpm.BaseManager):
                          method_to_typeid, create_method)
 
     def get_server(self):
+        """A :class:`BigServer` to run in this process (the stdlib hard-codes its own)."""
         if self._system is not None:
             raise ValueError("get_server() runs a server in this process; it does not apply "
                              "to a manager placed on a machine with system=")
-        return super().get_server()
+        if self._state.value != _mpm.State.INITIAL:
+            if self._state.value == _mpm.State.STARTED:
+                raise _mpm.ProcessError("Already started server")
+            elif self._state.value == _mpm.State.SHUTDOWN:
+                raise _mpm.ProcessError("Manager has shut down")
+            raise _mpm.ProcessError(f"Unknown state {self._state.value!r}")
+        return self._Server(self._registry, self._address, self._authkey, self._serializer)
 
     def start(self, initializer: Optional[Callable] = None, initargs=()):
         """Start the server: a child process, or with ``system=`` a bigmp machine."""

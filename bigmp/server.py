@@ -19,12 +19,12 @@ import socket
 import sys
 import threading
 import types
-from multiprocessing import managers as _mpm, process as _process, util as _util
+from multiprocessing import connection as _mpc, managers as _mpm, process as _process, util as _util
 from traceback import format_exc
 from typing import Any, Callable, Dict, Optional
 
 from . import connection, streams
-from .errors import UnknownMethod, UnknownService, pack_exception
+from .errors import UnknownMethod, UnknownService, Unserializable, pack_exception
 
 log = logging.getLogger("bigmp.server")
 
@@ -48,12 +48,12 @@ def public_methods(obj: Any) -> list:
 class _XmlListener(connection.Listener):
     def accept(self):
         conn = super().accept()
-        return _mpm.ConnectionWrapper(conn, _mpm._xml_dumps, _mpm._xml_loads)
+        return _mpc.ConnectionWrapper(conn, _mpc._xml_dumps, _mpc._xml_loads)
 
 
 def _XmlClient(*args, **kwds):
-    return _mpm.ConnectionWrapper(connection.Client(*args, **kwds), _mpm._xml_dumps,
-                                  _mpm._xml_loads)
+    return _mpc.ConnectionWrapper(connection.Client(*args, **kwds), _mpc._xml_dumps,
+                                  _mpc._xml_loads)
 
 
 # User-facing serializer name -> the name registered in the stdlib's table, so that every
@@ -253,8 +253,10 @@ class BigServer(_mpm.Server):
             except (EOFError, OSError, BrokenPipeError):
                 raise
             except Exception as exc:
-                # The result (or exception) could not be pickled: say so, keep serving.
-                conn.send(("#ERROR", pack_exception(exc, self.name)))
+                # The result could not be pickled: say so, keep serving.
+                err = Unserializable(f"the reply to {request and request[1]!r} could not be "
+                                     f"pickled on {self.name}: {type(exc).__name__}: {exc}")
+                conn.send(("#ERROR", pack_exception(err, self.name)))
             return True
         except (EOFError, OSError):
             return False

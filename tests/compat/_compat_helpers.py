@@ -13,7 +13,7 @@ import queue
 import threading
 import traceback
 import types
-from multiprocessing.managers import BaseManager, BaseProxy, SyncManager
+from multiprocessing.managers import BaseManager, BaseProxy
 
 AUTHKEY = b"bigmp-compat-authkey"
 LOOPBACK = ("127.0.0.1", 0)

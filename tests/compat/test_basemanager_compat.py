@@ -663,3 +663,33 @@ class TestProxiesInChildren:
         writer.close()
         assert child.result() == 8
         assert counter.value() == 8
+
+
+# ---------------------------------------------------------------------------
+# Mixed deployments: a program that switched to bigmp talking to one that did not
+# (for the stdlib param both sides are stdlib, which proves the tests)
+# ---------------------------------------------------------------------------
+
+class TestWireCompat:
+    """The "reference" side is always the stdlib BaseManager."""
+
+    def test_reference_client_connects_to_server(self, manager, make_manager):
+        client = make_manager(H.StdQueueClient, start=False, address=manager.address)
+        client.connect()
+        client.get_shared_queue().put("from-stdlib-client")
+        assert manager.get_shared_queue().get(timeout=H.TIMEOUT) == "from-stdlib-client"
+        foo = client.Foo()
+        assert foo.add(1, b=2) == 3
+        with pytest.raises(ValueError, match="g failed"):
+            foo.g()
+
+    def test_client_connects_to_reference_server(self, make_manager, client_cls):
+        server = make_manager(H.StdCompatManager)
+        client = make_manager(client_cls, start=False, address=server.address)
+        client.connect()
+        client.get_shared_queue().put("to-stdlib-server")
+        assert server.get_shared_queue().get(timeout=H.TIMEOUT) == "to-stdlib-server"
+        foo = client.Foo()
+        assert foo.add(1, b=2) == 3
+        with pytest.raises(ValueError, match="g failed"):
+            foo.g()

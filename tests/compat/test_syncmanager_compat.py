@@ -9,7 +9,6 @@ exercised from the owning thread, from other threads and from child processes
 
 import copy
 import multiprocessing
-import os
 import queue
 import threading
 from multiprocessing import AuthenticationError, ProcessError
