@@ -71,10 +71,10 @@ class BigConnection(_mpc.Connection):
         limit = self.max_frame if self.max_frame is not None else config.max_frame()
         buf = self._recv_bytes(limit)
         if buf is None:
-            self.close()
+            # The stream is out of sync now: the caller must close the connection.
             raise FrameTooLarge(
                 f"peer sent a frame longer than the maximum of {limit} bytes "
-                "(BIGMP_MAX_FRAME); connection closed")
+                "(BIGMP_MAX_FRAME); the connection is closed")
         return pickle.loads(buf.getbuffer())
 
     def _recv_bytes(self, maxsize=None):

@@ -186,6 +186,10 @@ class BigServer(_mpm.Server):
             while not self.stop_event.is_set():
                 try:
                     request = conn.recv()
+                except connection.FrameTooLarge as exc:
+                    # Tell the peer why before hanging up: its stream is out of sync now.
+                    self._send(conn, ("#ERROR", pack_exception(exc, self.name)), None)
+                    return
                 except (EOFError, OSError):
                     return
                 msg, stream = self._dispatch(conn, request, streaming)

@@ -70,6 +70,9 @@ class Echo:
     def bad_unpickle_error(self):
         raise BadUnpickle("a", "b")
 
+    def use(self, proxy, method, *args):
+        return getattr(proxy, method)(*args)
+
     def _private(self):
         return "hidden"
 
@@ -121,3 +124,19 @@ class FailingInit:
 
     def never(self):
         return "unreachable"
+
+
+class Producer:
+    """An endless stream of chunks that counts how many it has produced."""
+
+    def __init__(self):
+        self.count = 0
+
+    def produce(self, size):
+        chunk = b"x" * size
+        while True:
+            self.count += 1
+            yield chunk
+
+    def produced(self):
+        return self.count

@@ -53,3 +53,14 @@ def test_file_argument_is_streamed(machine, tmp_path):
     with open(path, "rb") as f:
         assert machine.call("Echo.read_all", f) == data
     assert machine.call("Echo.lines", io.BytesIO(b"a\nbb\nccc\n")) == [b"a", b"bb", b"ccc"]
+
+
+def test_stream_has_backpressure(session):
+    from tests.services import Producer
+    m = session.start(1, services={"P": Producer()})[0]
+    it = m.call("P.produce", 65536)
+    for _ in range(10):
+        next(it)
+    # Socket buffers bound how far the producer can run ahead of a paused consumer.
+    assert m.call("P.produced") < 10 + 1000
+    it.close()

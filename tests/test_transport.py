@@ -1,0 +1,147 @@
+"""Transport: NODELAY, timeouts, frame caps and bad input never hang a caller or kill a server."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+
+import psutil
+import pytest
+from multiprocessing import AuthenticationError
+
+import bigmp
+from bigmp import connection
+from bigmp.server import BigServer
+from tests.conftest import wait_until
+
+
+class Thing:
+    def echo(self, x):
+        return x
+
+
+@pytest.fixture
+def server():
+    srv = BigServer({}, ("127.0.0.1", 0), b"secret-key", "pickle", name="test-server")
+    srv.install("Thing", Thing())
+    t = threading.Thread(target=srv.serve_until_stopped, daemon=True)
+    t.start()
+    yield srv
+    srv.stop()
+    t.join(5)
+
+
+def call(address, authkey=b"secret-key", x=1):
+    from multiprocessing import managers
+    conn = connection.Client(address, authkey=authkey)
+    try:
+        managers.dispatch(conn, None, "accept_bigmp", ("t", {"stream": True}))
+        conn.send(("Thing", "echo", (x,), {}))
+        kind, result = conn.recv()
+        assert kind == "#RETURN"
+        return result
+    finally:
+        conn.close()
+
+
+def test_tcp_connections_set_nodelay(server):
+    conn = connection.Client(server.address, authkey=b"secret-key")
+    try:
+        s = socket.socket(fileno=os.dup(conn.fileno()))
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        s.close()
+    finally:
+        conn.close()
+
+
+def test_connect_timeout_to_a_silent_listener():
+    # A socket that listens but never accepts: the handshake must time out, not hang.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    try:
+        with pytest.raises(TimeoutError):
+            connection.Client(silent.getsockname(), authkey=b"k", timeout=0.3)
+    finally:
+        silent.close()
+
+
+def test_connection_refused_is_immediate():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    addr = s.getsockname()
+    s.close()
+    with pytest.raises(ConnectionRefusedError):
+        connection.Client(addr, authkey=b"k", timeout=5)
+
+
+def test_wrong_authkey_is_rejected_and_server_keeps_serving(server):
+    with pytest.raises(AuthenticationError):
+        connection.Client(server.address, authkey=b"wrong")
+    assert call(server.address) == 1
+
+
+def _threads_and_fds():
+    p = psutil.Process()
+    return p.num_threads(), p.num_fds()
+
+
+@pytest.mark.parametrize("garbage", [
+    os.urandom(64),                                   # random bytes
+    struct.pack("!i", 1000) + b"short",               # truncated frame
+    struct.pack("!i", 0x7FFFFFF0),                    # absurd length before auth
+    b"",                                              # connect and hang up
+])
+def test_garbage_before_auth_is_dropped(server, garbage):
+    assert call(server.address) == 1
+    before = _threads_and_fds()
+    for _ in range(20):
+        s = socket.create_connection(server.address)
+        try:
+            if garbage:
+                s.sendall(garbage)
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(1024):   # the server's challenge, if any, then its hang-up
+                pass
+        except OSError:
+            pass                  # it may hang up first: that is a fine answer too
+        s.close()
+    assert call(server.address, x=2) == 2
+    wait_until(lambda: _threads_and_fds() <= (before[0], before[1]), timeout=10,
+               what="server threads and fds to return to their level")
+
+
+def test_frame_beyond_maximum_after_auth_is_refused(server, monkeypatch):
+    monkeypatch.setenv("BIGMP_MAX_FRAME", "1000")
+    from multiprocessing import managers
+    conn = connection.Client(server.address, authkey=b"secret-key")
+    managers.dispatch(conn, None, "accept_bigmp", ("t", {}))
+    conn._send(struct.pack("!i", 10 ** 9))   # announce 1 GB, send nothing more
+    kind, err = conn.recv()
+    assert kind == "#ERROR"
+    assert isinstance(err, connection.FrameTooLarge) and "maximum of 1000" in str(err)
+    with pytest.raises(EOFError):
+        conn.recv()
+    conn.close()
+    monkeypatch.delenv("BIGMP_MAX_FRAME")
+    assert call(server.address, x=3) == 3
+
+
+def test_client_refuses_oversized_frame(monkeypatch):
+    a, b = socket.socketpair()
+    ca, cb = connection.BigConnection(a.detach()), connection.BigConnection(b.detach())
+    monkeypatch.setenv("BIGMP_MAX_FRAME", "100")
+    ca.send(b"x" * 1000)
+    with pytest.raises(connection.FrameTooLarge, match="BIGMP_MAX_FRAME"):
+        cb.recv()
+    ca.close()
+
+
+def test_deeply_recursive_argument_is_an_error_not_a_crash(server):
+    nested = []
+    for _ in range(100000):
+        nested = [nested]
+    with pytest.raises(RecursionError):
+        call(server.address, x=nested)
+    assert call(server.address, x=4) == 4
