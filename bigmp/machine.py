@@ -163,7 +163,7 @@ class Machine:
         """The error for a call whose connection broke: lost machine, or a temporary error."""
         # A dying process may still accept a connection and then reset it: ask again
         # briefly until the answer is clear (or the exit has been reported).
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + (2.0 if self.owned else 0.0)
         while self.probe() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         if self._state == State.STOPPED:
@@ -181,6 +181,8 @@ class Machine:
             self._dial(timeout=self._b.options["connect_timeout"]).close()
             return True
         except (ConnectionRefusedError, FileNotFoundError) as exc:
+            if not self.owned:
+                return None   # a dialed machine may be restarting: only its owner can say
             self._set_state(State.STOPPED, MachineLost(
                 f"machine {self.name} is gone: its address {self.addr!r} refuses connections "
                 f"({exc.strerror or exc!r})"))

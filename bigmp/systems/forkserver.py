@@ -65,6 +65,7 @@ def _child(fds: List[int], sock: socket.socket, wake_r: int) -> None:
 def _serve(sock: socket.socket) -> None:
     """The fork server's loop (never returns)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from .. import worker  # noqa: F401  imported once here, not in every machine
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)

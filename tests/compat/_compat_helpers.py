@@ -331,12 +331,12 @@ def child_entry(conn, func, args, kwargs):
 class Child:
     """A child process running ``func(*args, **kwargs)`` via child_entry."""
 
-    def __init__(self, ctx, func, *args, **kwargs):
+    def __init__(self, ctx, func, *args, daemon=True, **kwargs):
         self.name = getattr(func, "__name__", repr(func))
         self._reader, writer = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=child_entry,
                                    args=(writer, func, args, kwargs),
-                                   daemon=True)
+                                   daemon=daemon)
         self.process.start()
         writer.close()
 
@@ -365,8 +365,8 @@ class Child:
             self.process.join(TIMEOUT)
 
 
-def run_in_child(ctx, func, *args, **kwargs):
-    return Child(ctx, func, *args, **kwargs).result()
+def run_in_child(ctx, func, *args, daemon=True, **kwargs):
+    return Child(ctx, func, *args, daemon=daemon, **kwargs).result()
 
 
 def serve_forever_child(conn, manager_cls, address, authkey):
@@ -415,6 +415,21 @@ def child_create_via_inherited_manager(manager):
     counter.increment()
     foo = manager.Foo()
     return counter.value(), foo.f()
+
+
+def child_runs_own_manager(manager_cls):
+    """A child process starting (and shutting down) a manager of its own."""
+    with manager_cls(address=LOOPBACK, authkey=AUTHKEY) as manager:
+        counter = manager.Counter(1)
+        return counter.increment(), manager.InitProbe().pid() != os.getpid()
+
+
+def child_runs_own_sync_manager(manager_cls):
+    with manager_cls(address=LOOPBACK, authkey=AUTHKEY) as manager:
+        d = manager.dict(a=1)
+        q = manager.Queue()
+        q.put(d["a"] + 1)
+        return q.get(timeout=TIMEOUT)
 
 
 def child_recv_proxy_from_pipe(conn):

@@ -7,6 +7,7 @@ run proves the test encodes real BaseManager behaviour.
 
 import copy
 import gc
+import io
 import multiprocessing
 import os
 import pickle
@@ -228,6 +229,24 @@ class TestLifecycle:
             used.f()
         with pytest.raises((EOFError, OSError)):
             unused.increment()
+
+    def test_manager_started_from_a_thread(self, make_manager, compat_cls):
+        m = make_manager(compat_cls, start=False)
+        worker = threading.Thread(target=m.start)
+        worker.start()
+        worker.join(H.TIMEOUT)
+        assert not worker.is_alive()
+        assert m.Counter(1).increment() == 2
+
+    def test_garbage_collected_manager_shuts_down_server(self, compat_cls):
+        m = compat_cls(address=H.LOOPBACK, authkey=H.AUTHKEY)
+        m.start()
+        address = m.address
+        client = compat_cls(address=address, authkey=H.AUTHKEY)
+        client.connect()  # the server is up
+        del client, m
+        gc.collect()
+        _assert_nothing_listens(address)
 
     def test_shutdown_is_idempotent(self, make_manager, compat_cls):
         m = make_manager(compat_cls)
@@ -482,6 +501,20 @@ class TestProxies:
             foo.unpicklable()
         assert foo.f() == "f()"
 
+    def test_unpicklable_argument_raises_in_caller(self, manager):
+        foo = manager.Foo()
+        with pytest.raises(TypeError):
+            foo.echo(threading.Lock())
+        # nothing half-sent: the connection is still in sync
+        assert foo.f() == "f()"
+        assert foo.add(1, 1) == 2
+
+    def test_file_like_arguments_pass_by_value(self, manager):
+        foo = manager.Foo()
+        args, kwargs = foo.echo(io.BytesIO(b"bytes"), text=io.StringIO("text"))
+        assert type(args[0]) is io.BytesIO and args[0].getvalue() == b"bytes"
+        assert type(kwargs["text"]) is io.StringIO and kwargs["text"].getvalue() == "text"
+
     def test_failing_create_raises_remote_error(self, manager):
         with pytest.raises(RemoteError) as info:
             manager.Failing("creation exploded")
@@ -638,6 +671,11 @@ class TestProxiesInChildren:
         out = H.run_in_child(child_ctx, H.child_use_counter_and_foo, counter, manager.Foo())
         assert out["twice"] == 57
         assert counter.value() == 57
+
+    def test_child_process_runs_its_own_manager(self, compat_cls, child_ctx):
+        # non-daemonic: daemonic processes may not start the manager's server process
+        assert H.run_in_child(child_ctx, H.child_runs_own_manager, compat_cls,
+                              daemon=False) == (2, True)
 
     def test_proxy_passed_to_pool_workers(self, make_manager, compat_cls, fork_ctx):
         # Pool tasks pickle proxies outside of spawning: with the stdlib they then

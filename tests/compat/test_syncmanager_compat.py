@@ -8,6 +8,7 @@ exercised from the owning thread, from other threads and from child processes
 """
 
 import copy
+import io
 import multiprocessing
 import queue
 import threading
@@ -82,6 +83,10 @@ class TestSyncManagerLifecycle:
                       sm.BoundedSemaphore(), sm.Condition(), sm.Event(), sm.Barrier(2),
                       sm.Value("i", 0), sm.Array("i", [0]), sm.Namespace()):
             assert isinstance(proxy, BaseProxy), type(proxy)
+
+    def test_child_process_runs_its_own_manager(self, sync_cls, child_ctx):
+        assert H.run_in_child(child_ctx, H.child_runs_own_sync_manager, sync_cls,
+                              daemon=False) == 2
 
     def test_start_twice_raises(self, sm):
         with pytest.raises(ProcessError):
@@ -199,6 +204,22 @@ class TestQueue:
         for item in items:
             q.put(item)
         assert [q.get(timeout=H.TIMEOUT) for _ in items] == items
+
+    def test_queue_file_like_values_by_value(self, sm):
+        q = sm.Queue()
+        q.put(io.BytesIO(b"payload"))
+        got = q.get(timeout=H.TIMEOUT)
+        assert type(got) is io.BytesIO and got.getvalue() == b"payload"
+        d = sm.dict()
+        d["s"] = io.StringIO("text")
+        assert d["s"].getvalue() == "text"
+
+    def test_unpicklable_argument_keeps_proxy_usable(self, sm):
+        lst = sm.list()
+        with pytest.raises(TypeError):
+            lst.append(threading.Lock())
+        lst.append(1)
+        assert list(lst) == [1]
 
     def test_queue_threads_producer_consumer(self, sm):
         q = sm.Queue()
