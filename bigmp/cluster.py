@@ -137,7 +137,8 @@ class B:
                 raise StartError(f"{m.name} exited before its launch handshake"
                                  + self._tail(m))
             hello = json.loads(line)
-            m.addr = tuple(hello["addr"]) if isinstance(hello["addr"], list) else hello["addr"]
+            addr = tuple(hello["addr"]) if isinstance(hello["addr"], list) else hello["addr"]
+            m.addr = self.system.driver_address(launch, addr)
             m.hostname = hello.get("hostname")
             m.pid = hello.get("pid", m.pid)
             for name, payload in payloads.items():

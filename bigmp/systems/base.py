@@ -88,6 +88,14 @@ class System(abc.ABC):
         """Where workers should listen (None: a private unix socket)."""
         return None
 
+    def driver_address(self, launch: "Launch", addr: Any) -> Any:
+        """The address the driver dials for a worker that listens on ``addr``.
+
+        Backends that put something between driver and machine (an SSH tunnel, a fault
+        injecting relay, a NAT'd cloud address) map it here; by default it is ``addr``.
+        """
+        return addr
+
     def shutdown(self) -> None:
         """Release what the backend holds (fork server, SSH connections, ...)."""
 
