@@ -56,6 +56,8 @@ def test_hung_machine_is_marked_stopped_by_keepalive(backend):
         m = b.start(1, services={"Echo": Echo()})[0]
         pid = m.call("Echo.pid")
         os.kill(pid, signal.SIGSTOP)
+        wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, timeout=10,
+                   what="the machine to be stopped by SIGSTOP")
         try:
             with pytest.raises(TimeoutError):
                 m.call("Echo.echo", 1, timeout=0.3)
