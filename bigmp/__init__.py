@@ -24,10 +24,13 @@ from .machine import Machine, ServiceProxy, State
 from .cluster import B, start
 from .managers import BigAutoProxy, BigManager, BigProxy, BigSyncManager
 from .streams import stream
+from .pool import BrokenPool, Pool
+from .executor import Executor
 
 __all__ = [
     "__version__", "start", "B", "Machine", "State", "ServiceProxy", "stream",
     "BigManager", "BigSyncManager", "BigProxy", "BigAutoProxy",
     "BigmpError", "MachineStopped", "MachineLost", "StartError", "RemoteError",
     "UnknownService", "UnknownMethod", "add_arguments", "options_from_args",
+    "Pool", "Executor", "BrokenPool",
 ]

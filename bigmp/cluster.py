@@ -26,6 +26,7 @@ from . import output
 from .errors import MachineLost, StartError
 from .keepalive import Keeper
 from .machine import Machine, State, _Shutdown
+from .stats import Stats
 from .systems import System, get_system
 from .systems.base import encode_config, read_handshake
 
@@ -50,6 +51,8 @@ class B:
         self._seq = 0
         self._pool: Optional[ThreadPoolExecutor] = None
         self._closed = False
+        self.stats: Optional[Stats] = Stats()   # calls this session made (bigmp.stats)
+        self.debug = None                        # the debug HTTP server (serve_debug)
         if system is not None:
             _sessions.add(self)
 
@@ -141,6 +144,10 @@ class B:
             m.addr = self.system.driver_address(launch, addr)
             m.hostname = hello.get("hostname")
             m.pid = hello.get("pid", m.pid)
+            self._check_versions(m, hello)
+            # Keep the lease from now on: a slow init must not let it lapse.
+            m.keepalive = Keeper(m, self.system.keepalive())
+            m.keepalive.start()
             for name, payload in payloads.items():
                 try:
                     m._invoke("Supervisor.register", name, payload)
@@ -154,9 +161,22 @@ class B:
             return
         finally:
             os.close(launch.handshake)
-        m.keepalive = Keeper(m, self.system.keepalive())
-        if m._set_state(State.RUNNING):
-            m.keepalive.start()
+        m._set_state(State.RUNNING)
+
+    @staticmethod
+    def _check_versions(m: Machine, hello: Dict[str, Any]) -> None:
+        """Driver and machine must agree on bigmp and on Python's minor version (pickles)."""
+        import platform
+        from . import __version__
+        ours = platform.python_version_tuple()[:2]
+        theirs = str(hello.get("python", "")).split(".")[:2]
+        if theirs != list(ours):
+            raise StartError(f"{m.name} runs Python {hello.get('python')}, the driver "
+                             f"{platform.python_version()}: install Python "
+                             f"{'.'.join(ours)} there (pickled code needs the same minor version)")
+        if hello.get("bigmp") != __version__:
+            raise StartError(f"{m.name} runs bigmp {hello.get('bigmp')}, the driver "
+                             f"{__version__}: install bigmp {__version__} there")
 
     @staticmethod
     def _tail(m: Machine) -> str:
@@ -208,6 +228,26 @@ class B:
         m._set_state(State.RUNNING)
         return m
 
+    # -- observability: bigmp.profiling, bigmp.stats, bigmp.debug --------------------------
+
+    def profile(self, seconds: float = 10.0, machine: Any = None, interval: float = 0.01,
+                mode: str = "cpu"):
+        """Sample every thread of every RUNNING machine (or ``machine``: a name, a Machine,
+        or a list) for ``seconds`` at once; return one merged :class:`bigmp.profiling.Profile`."""
+        from . import profiling
+        return profiling.profile(self, seconds, machine, interval=interval, mode=mode)
+
+    def collect_stats(self, timeout: float = 5.0) -> Dict[str, Any]:
+        """Per-method call statistics: ``{"driver": ..., "machines": {name: ...}}``."""
+        from . import stats
+        return stats.collect(self, timeout)
+
+    def serve_debug(self, address: Any = None):
+        """Serve /debug/bigmp/{status,profile,stats} over HTTP (loopback unless ``address``
+        names a host); return the server (``.url``). See :mod:`bigmp.debug`."""
+        from . import debug
+        return debug.serve(self, address)
+
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
@@ -221,6 +261,8 @@ class B:
         if self._closed:
             return
         self._closed = True
+        if self.debug is not None:
+            self.debug.close()
         timeout = self.options["shutdown_timeout"] if timeout is None else timeout
         machines = self.machines()
         for m in machines:
@@ -277,7 +319,14 @@ def start(system: Optional[str] = None, *, authkey: Optional[bytes] = None,
     variables, then defaults. ``authkey`` defaults to a fresh random key per session.
     """
     opts = _config.resolve(system=system, **options)
-    return B(get_system(opts["system"], opts), opts, authkey=authkey)
+    b = B(get_system(opts["system"], opts), opts, authkey=authkey)
+    if opts["debug_addr"]:
+        try:
+            b.serve_debug(opts["debug_addr"])
+        except BaseException:
+            b.shutdown()
+            raise
+    return b
 
 
 @atexit.register

@@ -58,6 +58,7 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in [
     Option("shutdown_timeout", float, 10.0, "seconds shutdown waits for a machine's output to drain"),
     Option("max_frame", int, 1 << 30, "largest frame (bytes) a connection accepts"),
     Option("hosts", _list, [], "hosts for remote systems"),
+    Option("debug_addr", str, "", "serve the driver's debug pages (/debug/bigmp/status, profile, stats) at host:port; a bare port or :port means loopback; empty: off"),
 ]}
 
 
@@ -83,8 +84,32 @@ def resolve(**kwargs: Any) -> Dict[str, Any]:
     return out
 
 
+# Process-wide values set by a machine's launch configuration (see worker.py); they win
+# over the environment, since the driver's explicit options are meant to reach machines.
+_overrides: Dict[str, Any] = {}
+_parsed: Dict[str, tuple] = {}
+
+
+def override(**values: Any) -> None:
+    """Set process-wide option values (used on machines for the driver's options)."""
+    unknown = set(values) - set(OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown bigmp option(s) {sorted(unknown)}")
+    _overrides.update({k: v for k, v in values.items() if v is not None})
+
+
 def get(name: str) -> Any:
-    return _from_env(OPTIONS[name])
+    """One option's current value: process override, then environment, then default."""
+    if name in _overrides:
+        return _overrides[name]
+    opt = OPTIONS[name]
+    raw = os.environ.get(opt.env)
+    cached = _parsed.get(name)
+    if cached is not None and cached[0] is raw:   # hot path: parse each env value once
+        return cached[1]
+    value = _from_env(opt)
+    _parsed[name] = (raw, value)
+    return value
 
 
 def connect_timeout() -> float:
@@ -116,7 +141,3 @@ def options_from_args(args: argparse.Namespace) -> Dict[str, Any]:
         if value is not None:
             out[name] = value
     return out
-
-
-def current() -> Optional[Dict[str, Any]]:
-    return resolve()

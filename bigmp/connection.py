@@ -20,6 +20,7 @@ import pickle
 import socket
 import struct
 import tempfile
+import time
 from multiprocessing import AuthenticationError, connection as _mpc
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Optional, Tuple, Union
@@ -34,8 +35,8 @@ __all__ = ["BigConnection", "Listener", "Client", "dumps", "loads", "FrameTooLar
            "handshake_server", "handshake_client"]
 
 
-class FrameTooLarge(OSError):
-    """A peer announced a frame longer than the configured maximum."""
+class FrameTooLarge(ValueError):
+    """A frame is longer than the configured maximum (``max_frame``): never retried."""
 
 
 def dumps(obj: Any) -> bytes:
@@ -59,11 +60,19 @@ class BigConnection(_mpc.Connection):
     """A :class:`multiprocessing.connection.Connection` with capped frames and cloudpickle fallback."""
 
     max_frame: Optional[int] = None
+    # Running totals of pickled payload bytes (frame headers excluded), for bigmp.stats.
+    nsent = nrecv = last_recv = 0
 
     def send(self, obj: Any) -> None:
         self._check_closed()
         self._check_writable()
-        self._send_bytes(dumps(obj))
+        data = dumps(obj)
+        limit = self.max_frame if self.max_frame is not None else config.max_frame()
+        if len(data) > limit:
+            raise FrameTooLarge(f"message of {len(data)} bytes is longer than the maximum "
+                                f"frame of {limit} bytes (max_frame / BIGMP_MAX_FRAME)")
+        self.nsent += len(data)
+        self._send_bytes(data)
 
     def recv(self) -> Any:
         self._check_closed()
@@ -75,19 +84,10 @@ class BigConnection(_mpc.Connection):
             raise FrameTooLarge(
                 f"peer sent a frame longer than the maximum of {limit} bytes "
                 "(BIGMP_MAX_FRAME); the connection is closed")
-        return pickle.loads(buf.getbuffer())
-
-    def _recv_bytes(self, maxsize=None):
-        # The stdlib reads the whole announced length before checking it against maxsize;
-        # read the header first so an absurd length costs nothing.
-        buf = self._recv(4)
-        size, = struct.unpack("!i", buf.getvalue())
-        if size == -1:
-            buf = self._recv(8)
-            size, = struct.unpack("!Q", buf.getvalue())
-        if size < 0 or (maxsize is not None and size > maxsize):
-            return None
-        return self._recv(size)
+        data = buf.getbuffer()
+        self.last_recv = n = len(data)
+        self.nrecv += n
+        return pickle.loads(data)
 
     def shutdown(self) -> None:
         """Wake any thread blocked on this connection (it sees EOF) without closing the fd."""
@@ -182,7 +182,9 @@ class Listener:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
             self._unlink = None
-        sock.listen(backlog)
+        # The stdlib server asks for 16: bursts of new connections (many threads calling
+        # at once) overflow that, and a unix-socket connect then fails with EAGAIN.
+        sock.listen(max(backlog, 1024))
         self._socket = sock
         self._family = family
         self.address = sock.getsockname()
@@ -231,6 +233,23 @@ class Listener:
         self.close()
 
 
+def _connect(s: socket.socket, address, timeout: float) -> None:
+    # A unix socket whose accept queue is full answers EAGAIN at once instead of waiting
+    # like TCP does; retry until the deadline.
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        try:
+            s.connect(address)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"connecting to {address!r}: accept queue full for "
+                                   f"{timeout} s") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
 def Client(address: Address, family: Optional[str] = None, authkey: Optional[bytes] = None,
            timeout: Optional[float] = None) -> BigConnection:
     """Connect, set TCP_NODELAY and authenticate; like the stdlib ``Client``.
@@ -248,7 +267,7 @@ def Client(address: Address, family: Optional[str] = None, authkey: Optional[byt
     try:
         s.settimeout(t)
         _tune(s)
-        s.connect(address)
+        _connect(s, address, t)
         s.settimeout(None)
     except socket.timeout as exc:
         s.close()

@@ -122,7 +122,10 @@ class Machine:
     # -- connections ----------------------------------------------------------------------
 
     def _dial(self, timeout: Optional[float] = None) -> connection.BigConnection:
-        conn = connection.Client(self.addr, authkey=self._b.authkey, timeout=timeout)
+        opts = self._b.options
+        conn = connection.Client(self.addr, authkey=self._b.authkey,
+                                 timeout=opts["connect_timeout"] if timeout is None else timeout)
+        conn.max_frame = opts["max_frame"]
         try:
             _mpm.dispatch(conn, None, "accept_bigmp", (f"driver->{self.name}", {"stream": True}))
         except BaseException:
@@ -213,11 +216,16 @@ class Machine:
             conn = self._acquire()
         except (OSError, EOFError) as exc:
             raise self._lost(exc, method) from None
+        stats = self._b.stats   # bigmp.stats: per-method statistics
+        token = stats.begin_call(conn) if stats is not None else None
+        kind = None
         ok = False
         try:
             conn.send((service, name, args, kwargs))
             if sources:
-                streams.send_sources(conn, sources)
+                # From another thread: a streamed reply may start before the input ends.
+                threading.Thread(target=streams.send_sources, args=(conn, sources),
+                                 daemon=True, name=f"bigmp-stream-{self.name}").start()
             if deadline is not None and not conn.poll(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"{method} on {self.name} did not return in time")
             kind, result = conn.recv()
@@ -230,29 +238,16 @@ class Machine:
                 raise
             raise self._lost(exc, method) from None
         finally:
+            if token is not None:
+                stats.called(self.name, method, conn, token, kind)
             if ok is not None:
                 self._release(conn, ok)
         if kind == "#RETURN":
             return result
         raise _mpm.convert_to_error(kind, result)
 
-    def _stream(self, conn, method: str) -> Iterator[Any]:
-        done = False
-        try:
-            while True:
-                try:
-                    kind, value = conn.recv()
-                except (EOFError, OSError) as exc:
-                    raise self._lost(exc, method) from None
-                if kind == "#ITEM":
-                    yield value
-                    continue
-                done = True
-                if kind == "#END":
-                    return
-                raise _mpm.convert_to_error(kind, value)
-        finally:
-            self._release(conn, done)
+    def _stream(self, conn, method: str) -> "StreamReply":
+        return StreamReply(self, conn, method)
 
     def call_async(self, method: str, *args: Any, timeout: Optional[float] = None,
                    **kwargs: Any) -> "Future[Any]":
@@ -297,6 +292,59 @@ class Machine:
 
     def ping(self, timeout: Optional[float] = None) -> bool:
         return self.call("Supervisor.ping", timeout=timeout)
+
+
+class StreamReply:
+    """The iterator a streamed call returns; it owns its connection until the stream ends.
+
+    Close it (or use it as a context manager) to abandon a stream early; one that is
+    dropped unread gives its connection back when it is garbage collected.
+    """
+
+    def __init__(self, machine: Machine, conn, method: str):
+        self._machine = machine
+        self._conn = conn
+        self._method = method
+
+    def __iter__(self) -> "StreamReply":
+        return self
+
+    def __next__(self) -> Any:
+        conn = self._conn
+        if conn is None:
+            raise StopIteration
+        try:
+            kind, value = conn.recv()
+        except (EOFError, OSError) as exc:
+            self._finish(False)
+            raise self._machine._lost(exc, self._method) from None
+        if kind == "#ITEM":
+            return value
+        self._finish(True)   # the server is done with this reply either way
+        if kind == "#END":
+            raise StopIteration
+        raise _mpm.convert_to_error(kind, value)
+
+    def _finish(self, reusable: bool) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._machine._release(conn, reusable)
+
+    def close(self) -> None:
+        """Abandon the rest of the stream (its connection is closed, not reused)."""
+        self._finish(False)
+
+    def __enter__(self) -> "StreamReply":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 class _Shutdown(MachineStopped):

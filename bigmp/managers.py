@@ -90,9 +90,12 @@ class BigProxyMixin:
         raise _mpm.convert_to_error(kind, result)
 
     def _stream(self, conn):
-        # The connection belongs to the stream until it ends; a stream abandoned early
-        # leaves the connection mid-reply, so it is dropped rather than reused.
+        # The connection belongs to the stream until it ends: detach it now, so a call
+        # made before the stream is read dials a connection of its own.
         self._tls.connection = None
+        return self._iter_stream(conn)
+
+    def _iter_stream(self, conn):
         finished = False
         try:
             while True:
@@ -253,6 +256,9 @@ class BigManager(_mpm.BaseManager):
                  shutdown_timeout: float = 1.0, system: Optional[str] = None, **options: Any):
         if serializer not in SERIALIZERS:
             raise ValueError(f"unknown serializer {serializer!r}; use 'pickle' or 'xmlrpclib'")
+        if system is not None and serializer != "pickle":
+            raise ValueError("a manager placed on a machine (system=) speaks pickle; "
+                             f"serializer={serializer!r} is not supported there")
         super().__init__(address, authkey, SERIALIZERS[serializer], ctx,
                          shutdown_timeout=shutdown_timeout)
         self._system = system
@@ -286,11 +292,16 @@ class BigManager(_mpm.BaseManager):
         from .placement import start_on_machine
         start_on_machine(self, initializer, initargs)
 
-    def _finalize_placed(self):
-        session, self._session = self._session, None
-        if session is not None:
-            session.shutdown()
-        self._state.value = _mpm.State.SHUTDOWN
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait for the server to exit (the machine to stop, with ``system=``)."""
+        machine = getattr(self, "_machine", None)
+        if machine is None:
+            return super().join(timeout)
+        from .machine import State
+        try:
+            machine.wait(State.STOPPED, timeout)
+        except TimeoutError:
+            pass
 
     @classmethod
     def _run_server(cls, registry, address, authkey, serializer, writer, initializer=None,

@@ -45,13 +45,22 @@ def public_methods(obj: Any) -> list:
     return out
 
 
+def _xml_ready() -> None:
+    # The stdlib's _xml_dumps/_xml_loads use a module global that only its own
+    # XmlListener/XmlClient import.
+    import xmlrpc.client
+    _mpc.xmlrpclib = xmlrpc.client
+
+
 class _XmlListener(connection.Listener):
     def accept(self):
+        _xml_ready()
         conn = super().accept()
         return _mpc.ConnectionWrapper(conn, _mpc._xml_dumps, _mpc._xml_loads)
 
 
 def _XmlClient(*args, **kwds):
+    _xml_ready()
     return _mpc.ConnectionWrapper(connection.Client(*args, **kwds), _mpc._xml_dumps,
                                   _mpc._xml_loads)
 
@@ -89,7 +98,9 @@ class BigServer(_mpm.Server):
             raise ValueError(f"bad service name {name!r}: it must be non-empty and contain no '.'")
         with self.mutex:
             self.services[name] = obj
-            self.id_to_obj[name] = (obj, set(public_methods(obj)), None)
+            # init(b) runs once at registration; it is not a method to call remotely.
+            exposed = set(public_methods(obj)) - {"init"}
+            self.id_to_obj[name] = (obj, exposed, None)
 
     def connection_state(self) -> Any:
         """Per-connection scratch space for the method running in this thread."""
@@ -125,6 +136,7 @@ class BigServer(_mpm.Server):
             except OSError:
                 if self.stop_event.is_set() or self.listener._socket is None:
                     return
+                self.stop_event.wait(0.05)   # EMFILE and the like: do not spin
                 continue
             t = threading.Thread(target=self.handle_request, args=(c,), daemon=True,
                                  name="bigmp-conn")
@@ -192,11 +204,17 @@ class BigServer(_mpm.Server):
                     return
                 except (EOFError, OSError):
                     return
-                msg, stream = self._dispatch(conn, request, streaming)
+                stats = self.stats   # bigmp.stats: per-method statistics
+                token = stats.begin_served(conn) if stats is not None else None
+                msg, stream, demux = self._dispatch(conn, request, streaming)
+                if stream is None and demux is not None and not self._drain(demux):
+                    return
                 if not self._send(conn, msg, request):
                     return
-                if stream is not None and not self._send_stream(conn, stream):
+                if stream is not None and not self._send_stream(conn, stream, demux):
                     return
+                if token is not None:
+                    stats.served(self, conn, request, msg, token)
                 after, self._local.after = self._local.after, []
                 for fn in after:
                     fn()
@@ -218,11 +236,13 @@ class BigServer(_mpm.Server):
                              f"services: {sorted(self.services)}")
 
     def _dispatch(self, conn, request, streaming):
-        """Run one request; return (reply, generator-to-stream-or-None)."""
-        methodname = obj = None
-        receivers: list = []
+        """Run one request; return (reply, generator-to-stream-or-None, demux-or-None)."""
+        demux = None
         try:
             ident, methodname, args, kwds = request
+            if streaming:
+                # Bound first, so that the streamed frames are drained whatever happens.
+                args, kwds, demux = streams.bind_stream_args(conn, args, kwds)
             obj, exposed, gettypeid = self._lookup(ident)
             if methodname not in exposed:
                 fallback = self.fallback_mapping.get(methodname)
@@ -230,25 +250,19 @@ class BigServer(_mpm.Server):
                     raise UnknownMethod(
                         f"{type(obj).__name__} {ident!r} on {self.name} has no exposed method "
                         f"{methodname!r}; methods: {sorted(exposed)}")
-                return ("#RETURN", fallback(self, conn, ident, obj, *args, **kwds)), None
-            function = getattr(obj, methodname)
-            if streaming:
-                args, kwds, receivers = streams.bind_stream_args(conn, args, kwds)
-            try:
-                res = function(*args, **kwds)
-            finally:
-                for rx in receivers:
-                    rx.drain()  # the caller sends every item before it reads the reply
+                return ("#RETURN", fallback(self, conn, ident, obj, *args, **kwds)), None, demux
+            res = getattr(obj, methodname)(*args, **kwds)
             if streaming and inspect.isgenerator(res):
-                return ("#STREAM", None), res
+                # The generator may still read its streamed input: drain after it ends.
+                return ("#STREAM", None), res, demux
             typeid = gettypeid and gettypeid.get(methodname, None)
             if typeid:
                 rident, rexposed = self.create(conn, typeid, res)
                 token = _mpm.Token(typeid, self.address, rident)
-                return ("#PROXY", (rexposed, token)), None
-            return ("#RETURN", res), None
+                return ("#PROXY", (rexposed, token)), None, demux
+            return ("#RETURN", res), None, demux
         except Exception as e:
-            return ("#ERROR", pack_exception(e, self.name)), None
+            return ("#ERROR", pack_exception(e, self.name)), None, demux
 
     def _send(self, conn, msg, request) -> bool:
         try:
@@ -268,7 +282,15 @@ class BigServer(_mpm.Server):
             _util.info("failure to send reply to %r", request)
             return False
 
-    def _send_stream(self, conn, gen) -> bool:
+    @staticmethod
+    def _drain(demux) -> bool:
+        try:
+            demux.drain()   # the caller's streamed frames must be off the wire first
+            return True
+        except Exception:
+            return False
+
+    def _send_stream(self, conn, gen, demux=None) -> bool:
         try:
             for item in gen:
                 conn.send(("#ITEM", item))
@@ -276,7 +298,11 @@ class BigServer(_mpm.Server):
             gen.close()   # the caller went away: run the generator's finally blocks
             return False
         except Exception as exc:
+            if demux is not None and not self._drain(demux):
+                return False
             return self._send(conn, ("#ERROR", pack_exception(exc, self.name)), None)
+        if demux is not None and not self._drain(demux):
+            return False
         return self._send(conn, ("#END", None), None)
 
     def stop(self) -> None:

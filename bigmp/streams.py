@@ -46,8 +46,20 @@ def _source(value: Any) -> Optional[Tuple[Iterator[Any], bool]]:
     return None
 
 
+_STREAMABLE = (stream, io.IOBase, types.GeneratorType)
+
+
 def split_stream_args(args: tuple, kwargs: dict) -> Tuple[tuple, dict, List[Iterator[Any]]]:
     """Replace streamable arguments by placeholders; return the sources in argument order."""
+    for a in args:
+        if isinstance(a, _STREAMABLE):
+            break
+    else:
+        for v in kwargs.values():
+            if isinstance(v, _STREAMABLE):
+                break
+        else:
+            return args, kwargs, []   # the common case: nothing to stream, nothing copied
     sources: List[Iterator[Any]] = []
 
     def swap(value):
@@ -63,38 +75,87 @@ def split_stream_args(args: tuple, kwargs: dict) -> Tuple[tuple, dict, List[Iter
 
 
 def send_sources(conn, sources: List[Iterator[Any]]) -> None:
-    """Send every source's items, each stream ended by ``#END``."""
+    """Send every source's items, each stream ended by ``#END`` (``#ABORT`` if it raised)."""
+    from .errors import pack_exception
     for src in sources:
-        for item in src:
-            conn.send(("#ITEM", item))
-        conn.send(("#END", None))
+        while True:
+            try:
+                item = next(src)
+            except StopIteration:
+                frame = ("#END", None)
+            except Exception as exc:   # the caller's own iterator failed
+                frame = ("#ABORT", pack_exception(exc, "the caller"))
+            else:
+                frame = ("#ITEM", item)
+            try:
+                conn.send(frame)
+            except (EOFError, OSError):
+                return   # the call is over (timed out, machine lost): nothing more to say
+            if frame[0] != "#ITEM":
+                break
+
+
+class _Demux:
+    """The streamed arguments of one call, read from one connection in the order sent.
+
+    The caller sends each stream whole, one after another. A method may read them in any
+    order: reading stream k first buffers what is left of the streams before it.
+    """
+
+    def __init__(self, conn, count: int):
+        self.conn = conn
+        self.current = 0
+        self.buffers: List[list] = [[] for _ in range(count)]
+        self.done = [False] * count
+
+    def _frame(self):
+        kind, value = self.conn.recv()
+        if kind not in ("#ITEM", "#END", "#ABORT"):
+            raise ValueError(f"protocol error: expected a stream item, got {kind!r}")
+        if kind != "#ITEM":
+            self.done[self.current] = True
+            self.current += 1
+        return kind, value
+
+    def next(self, k: int) -> Any:
+        while True:
+            if self.buffers[k]:
+                return self.buffers[k].pop(0)
+            if self.done[k]:
+                raise StopIteration
+            i = self.current
+            kind, value = self._frame()
+            if i != k:
+                # An earlier stream is still on the wire: keep its items for later.
+                if kind == "#ITEM":
+                    self.buffers[i].append(value)
+                continue
+            if kind == "#ITEM":
+                return value
+            if kind == "#ABORT":
+                raise value   # the caller's iterator failed: the method sees its error
+            raise StopIteration
+
+    def drain(self) -> None:
+        """Read and drop every frame still on the wire (before the reply can be sent)."""
+        for buf in self.buffers:
+            buf.clear()
+        while self.current < len(self.done):
+            self._frame()
 
 
 class _Receiver:
-    """Server side of one streamed argument: yields items until ``#END``."""
+    """Server side of one streamed argument: yields its items until its ``#END``."""
 
-    def __init__(self, conn):
-        self.conn = conn
-        self.done = False
+    def __init__(self, demux: _Demux, index: int):
+        self.demux = demux
+        self.index = index
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self.done:
-            raise StopIteration
-        kind, value = self.conn.recv()
-        if kind == "#END":
-            self.done = True
-            raise StopIteration
-        if kind != "#ITEM":
-            self.done = True
-            raise ValueError(f"protocol error: expected a stream item, got {kind!r}")
-        return value
-
-    def drain(self) -> None:
-        for _ in self:
-            pass
+        return self.demux.next(self.index)
 
 
 class RemoteReader(io.RawIOBase):
@@ -119,19 +180,25 @@ class RemoteReader(io.RawIOBase):
         self._buf = self._buf[n:]
         return n
 
-    def drain(self) -> None:
-        self._rx.drain()
 
 
-def bind_stream_args(conn, args: tuple, kwds: dict) -> Tuple[tuple, dict, list]:
+def count_stream_args(args: tuple, kwds: dict) -> int:
+    return sum(isinstance(v, StreamArg) for v in args) + \
+        sum(isinstance(v, StreamArg) for v in kwds.values())
+
+
+def bind_stream_args(conn, args: tuple, kwds: dict) -> Tuple[tuple, dict, Optional[_Demux]]:
     """Server side: replace placeholders by receivers, in the order the sources were sent."""
-    receivers: list = []
+    count = count_stream_args(args, kwds)
+    if not count:
+        return args, kwds, None
+    demux = _Demux(conn, count)
+    index = iter(range(count))
 
     def bind(value):
         if not isinstance(value, StreamArg):
             return value
-        rx = _Receiver(conn)
-        receivers.append(rx)
+        rx = _Receiver(demux, next(index))
         if value.is_file:
             return io.BufferedReader(RemoteReader(rx))
         return rx
@@ -139,4 +206,4 @@ def bind_stream_args(conn, args: tuple, kwds: dict) -> Tuple[tuple, dict, list]:
     # Positional first, then keyword, matching split_stream_args' order.
     new_args = tuple(bind(a) for a in args)
     new_kwds = {k: bind(v) for k, v in kwds.items()}
-    return new_args, new_kwds, receivers
+    return new_args, new_kwds, demux

@@ -23,15 +23,32 @@ from typing import Any, Dict, Optional
 import psutil
 
 from . import __version__
+from . import profiling, stats as _stats
 
 log = logging.getLogger("bigmp.supervisor")
 
 __all__ = ["Supervisor", "machine_info"]
 
 
+_proc: Optional[psutil.Process] = None
+
+
+def _process() -> psutil.Process:
+    """This process, kept: ``cpu_percent`` measures from one call to the next (a fresh
+    Process always says 0.0). Primed at once, so the first reading covers the uptime."""
+    global _proc
+    if _proc is None or _proc.pid != os.getpid():   # a forked child must not reuse it
+        _proc = psutil.Process()
+        _proc.cpu_percent(interval=None)
+    return _proc
+
+
 def machine_info(started: float) -> Dict[str, Any]:
-    """pid, host, CPUs, memory, disk, load and uptime of this machine (via psutil)."""
-    proc = psutil.Process()
+    """pid, host, CPUs, memory, disk, load and uptime of this machine (via psutil).
+
+    ``cpu_percent`` is this process's CPU use since the previous call (100 = one core).
+    """
+    proc = _process()
     vm = psutil.virtual_memory()
     try:
         du = psutil.disk_usage(tempfile.gettempdir())
@@ -87,6 +104,9 @@ class Supervisor:
         self.exit_reason: Optional[str] = None
         self.exited = threading.Event()
         server.on_connection_closed = self._connection_closed
+        if server.stats is None:
+            server.stats = _stats.Stats()   # per-method statistics of served calls
+        _process()
 
     # -- called by the driver -------------------------------------------------------------
 
@@ -101,6 +121,15 @@ class Supervisor:
 
     def services(self) -> list:
         return sorted(self._server.services)
+
+    def profile(self, seconds: float = 10.0, interval: float = 0.01,
+                mode: str = "cpu") -> Dict[str, Any]:
+        """Sample every thread of this machine for ``seconds`` (see :mod:`bigmp.profiling`)."""
+        return profiling.sample(seconds, interval, mode)
+
+    def stats(self, reset: bool = False) -> Dict[str, Any]:
+        """Per-method statistics of the calls this machine served and made (:mod:`bigmp.stats`)."""
+        return _stats.machine_stats(self._server, self._session, reset)
 
     def register(self, name: str, payload: bytes) -> None:
         """Install a cloudpickled service; run its ``init(b)`` first if it has one."""
@@ -138,6 +167,11 @@ class Supervisor:
 
     def shutdown(self, reason: str = "shut down by the driver") -> None:
         """Exit once this reply has been sent."""
+        with self._lock:
+            # Recorded now: the driver closes the launcher channel as soon as it has the
+            # reply, and that must not be mistaken for the driver dying.
+            if self.exit_reason is None:
+                self.exit_reason = reason
         self._server.after_reply(lambda: self.exit(reason))
 
     # -- machine side ---------------------------------------------------------------------

@@ -81,6 +81,8 @@ def serve(config: Dict[str, Any], handshake_fd: int, lifeline_fd: Optional[int])
 
     name = config["name"]
     os.environ["BIGMP_MACHINE"] = name
+    from . import config as _config
+    _config.override(**(config.get("options") or {}))
     authkey = config["authkey"]
     listen = config.get("listen")
     server = BigServer({}, listen, authkey, "bigmp", name=name)
@@ -91,10 +93,7 @@ def serve(config: Dict[str, Any], handshake_fd: int, lifeline_fd: Optional[int])
              "hostname": socket.gethostname(), "python": platform.python_version(),
              "bigmp": __version__, "name": name}
     os.write(handshake_fd, (json.dumps(hello) + "\n").encode())
-    if handshake_fd == 1:
-        os.dup2(2, 1)
-    else:
-        os.close(handshake_fd)
+    os.close(handshake_fd)
     supervisor.watch(lifeline_fd)
     server.serve_until_stopped()
     reason = supervisor.exit_reason or "server stopped"
@@ -107,6 +106,11 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the driver's to handle
     code = 0
     try:
+        # Keep the handshake channel aside and point fd 1 at the output at once, so that
+        # nothing printed while starting (imports of the driver's main module, say) can
+        # get mixed into the handshake line.
+        handshake_fd = os.dup(1)
+        os.dup2(2, 1)
         _fresh_stdio()
         line = _read_line(0)
         if not line.strip():
@@ -116,7 +120,7 @@ def main() -> None:
         if config.get("log_level"):
             logging.basicConfig(level=config["log_level"], stream=sys.stderr,
                                 format="%(levelname)s %(name)s: %(message)s")
-        reason = serve(config, 1, 0)
+        reason = serve(config, handshake_fd, 0)
         if not reason.startswith("shut down by"):
             print(f"bigmp: machine exiting: {reason}", file=sys.stderr)
     except SystemExit as exc:

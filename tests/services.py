@@ -55,6 +55,14 @@ class Echo:
     def total(self, items):
         return sum(items)
 
+    def double_each(self, items):
+        for x in items:
+            yield 2 * x
+
+    def second_first(self, a, b):
+        second = list(b)
+        return second, list(a)
+
     def read_all(self, f):
         return f.read()
 
@@ -140,3 +148,28 @@ class Producer:
 
     def produced(self):
         return self.count
+
+
+class SlowInit:
+    def init(self, b):
+        time.sleep(2.5)   # longer than the lease the test sets
+
+    def ok(self):
+        return "ok"
+
+
+def open_fds():
+    import os
+    return sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+
+
+class FdLister:
+    def targets(self):
+        import os
+        out = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                out.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        return out

@@ -131,11 +131,20 @@ def test_frame_beyond_maximum_after_auth_is_refused(server, monkeypatch):
 def test_client_refuses_oversized_frame(monkeypatch):
     a, b = socket.socketpair()
     ca, cb = connection.BigConnection(a.detach()), connection.BigConnection(b.detach())
-    monkeypatch.setenv("BIGMP_MAX_FRAME", "100")
+    ca.max_frame, cb.max_frame = 10 ** 6, 100
     ca.send(b"x" * 1000)
     with pytest.raises(connection.FrameTooLarge, match="BIGMP_MAX_FRAME"):
         cb.recv()
     ca.close()
+    cb.close()
+
+
+def test_oversized_argument_is_refused_before_sending_and_not_retried():
+    with bigmp.start(max_frame=100_000) as b:
+        m = b.start(1, services={"T": Thing()})[0]
+        with pytest.raises(connection.FrameTooLarge, match="max_frame"):
+            m.retry_call("T.echo", b"x" * 200_000, deadline=30)
+        assert m.call("T.echo", b"y" * 1000) == b"y" * 1000
 
 
 def test_deeply_recursive_argument_is_an_error_not_a_crash(server):

@@ -33,6 +33,7 @@ class Launch(abc.ABC):
     def __init__(self) -> None:
         self._on_exit: List[Callable[[Optional[int]], None]] = []
         self.returncode: Optional[int] = None
+        self.exited = False
         self._control_lock = threading.Lock()
 
     def close_control(self) -> None:
@@ -47,14 +48,20 @@ class Launch(abc.ABC):
 
     def on_exit(self, fn: Callable[[Optional[int]], None]) -> None:
         """Call ``fn(returncode)`` when the process has exited (now, if it already has)."""
-        if self.returncode is not None:
-            fn(self.returncode)
-        else:
-            self._on_exit.append(fn)
+        with self._control_lock:
+            if not self.exited:
+                self._on_exit.append(fn)
+                return
+        fn(self.returncode)
 
     def _exited(self, returncode: Optional[int]) -> None:
-        self.returncode = returncode
-        fns, self._on_exit = self._on_exit, []
+        """Backends call this once the process is gone (``None``: status unknown)."""
+        with self._control_lock:
+            if self.exited:
+                return
+            self.exited = True
+            self.returncode = returncode
+            fns, self._on_exit = self._on_exit, []
         for fn in fns:
             fn(returncode)
 

@@ -8,6 +8,7 @@ reaps children and reports how each exited. It exits when the driver's socket cl
 """
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import select
@@ -43,11 +44,12 @@ def _recv_msg(sock: socket.socket):
     return pickle.loads(_recv_exact(sock, n))
 
 
-def _child(fds: List[int], sock: socket.socket, wake_r: int) -> None:
+def _child(fds: List[int], sock: socket.socket, wake_r: int, wake_w: int) -> None:
     """In the forked machine: wire fds 0, 1, 2 and become a worker."""
     try:
         sock.close()
         os.close(wake_r)
+        os.close(wake_w)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setpgid(0, 0)  # Ctrl-C in the driver's terminal is for the driver alone
@@ -62,9 +64,24 @@ def _child(fds: List[int], sock: socket.socket, wake_r: int) -> None:
         os._exit(70)
 
 
+def _max_fd() -> int:
+    try:
+        return max(int(name) for name in os.listdir("/proc/self/fd")) + 1
+    except (OSError, ValueError):
+        return os.sysconf("SC_OPEN_MAX")
+
+
 def _serve(sock: socket.socket) -> None:
     """The fork server's loop (never returns)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Machines must not inherit the driver's files and sockets (a listening socket kept
+    # open in a machine keeps its port bound; a pipe kept open hides EOF from its peer).
+    # Objects of the driver that own those fds are never freed here: their frames are
+    # frozen in this process and the cycle collector is off.
+    gc.disable()
+    keep = sock.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, _max_fd())
     from .. import worker  # noqa: F401  imported once here, not in every machine
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -94,7 +111,7 @@ def _serve(sock: socket.socket) -> None:
                     break
                 pid = os.fork()
                 if pid == 0:
-                    _child(fds, sock, wake_r)
+                    _child(fds, sock, wake_r, wake_w)
                 for fd in fds:
                     os.close(fd)
                 children.add(pid)

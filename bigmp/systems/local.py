@@ -22,7 +22,7 @@ __all__ = ["LocalSystem"]
 
 class _LocalLaunch(Launch):
     def kill(self) -> None:
-        if self.pid and self.returncode is None:
+        if self.pid and not self.exited:
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -69,12 +69,21 @@ class LocalSystem(System):
         finally:
             for fd in theirs:
                 os.close(fd)
-        os.write(launch.control, config)
+        try:
+            view = memoryview(config)
+            while view:
+                view = view[os.write(launch.control, view):]
+        except OSError:
+            # It died before reading its configuration: the handshake will say so.
+            launch.kill()
         return launch
 
     def _spawn(self, fds, launch: Launch) -> int:
+        env = dict(os.environ)
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         proc = subprocess.Popen([self.options.get("python") or "python3", "-m", "bigmp.worker"],
-                                stdin=fds[0], stdout=fds[1], stderr=fds[2],
+                                stdin=fds[0], stdout=fds[1], stderr=fds[2], env=env,
                                 close_fds=True, start_new_session=True)
         threading.Thread(target=lambda: launch._exited(proc.wait()), daemon=True,
                          name=f"bigmp-wait-{proc.pid}").start()

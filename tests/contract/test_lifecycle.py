@@ -130,3 +130,51 @@ def test_bad_options_are_named():
         bigmp.start(no_such_option=1)
     with pytest.raises(ValueError, match="unknown bigmp system"):
         bigmp.start(system="nowhere")
+
+
+def test_slow_init_is_kept_alive_by_keepalives(backend):
+    from tests.services import SlowInit
+    with bigmp.start(keepalive_lease=1.0, keepalive_interval=0.2, **backend) as b:
+        m = b.start(1, services={"S": SlowInit()})[0]
+        assert m.call("S.ok", timeout=30) == "ok"
+
+
+def test_init_is_not_a_remote_method(session):
+    m = session.start(1, services={"S": WithInit()})[0]
+    with pytest.raises(bigmp.UnknownMethod):
+        m.call("S.init", None)
+
+
+def test_machines_do_not_inherit_driver_files(backend, tmp_path):
+    from tests.services import FdLister
+    marker = tmp_path / "driver-only.txt"
+    with open(marker, "w"):
+        with bigmp.start(**backend) as b:
+            m = b.start(1, services={"F": FdLister()})[0]
+            assert str(marker) not in m.call("F.targets")
+
+
+SPAWN_DRIVER = '''
+import sys
+sys.path.insert(0, {root!r})
+print("printed at import time of the driver's main module")
+import bigmp
+from tests.services import Echo
+if __name__ == "__main__":
+    with bigmp.start(system="local", local_mode="spawn") as b:
+        m = b.start(1, services={{"Echo": Echo()}})[0]
+        print("result", m.call("Echo.echo", 41) + 1)
+'''
+
+
+def test_spawned_machine_survives_prints_in_driver_main(tmp_path):
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    script = tmp_path / "driver.py"
+    script.write_text(SPAWN_DRIVER.format(root=ROOT))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "result 42" in out.stdout
+    assert "local-0: printed at import time" in out.stderr

@@ -64,3 +64,51 @@ def test_stream_has_backpressure(session):
     # Socket buffers bound how far the producer can run ahead of a paused consumer.
     assert m.call("P.produced") < 10 + 1000
     it.close()
+
+
+def test_generator_method_consumes_streamed_input(machine):
+    def numbers():
+        yield from range(5000)
+    assert list(machine.call("Echo.double_each", numbers())) == [2 * i for i in range(5000)]
+
+
+def test_streamed_arguments_can_be_read_in_any_order(machine):
+    assert machine.call("Echo.second_first", bigmp.stream([1, 2]), bigmp.stream([3, 4])) == \
+        ([3, 4], [1, 2])
+
+
+def test_stream_argument_after_unknown_method_leaves_connection_usable(machine):
+    for _ in range(3):
+        with pytest.raises(bigmp.UnknownMethod):
+            machine.call("Echo.nope", bigmp.stream(range(100)))
+        assert machine.call("Echo.echo", "fine") == "fine"
+
+
+def test_failing_argument_iterator_raises_in_the_method(machine):
+    def broken():
+        yield 1
+        raise OSError("source broke")
+    with pytest.raises(OSError, match="source broke"):
+        machine.call("Echo.total", broken())
+    assert machine.call("Echo.echo", "fine") == "fine"
+
+
+def test_unread_stream_gives_its_connection_back(machine):
+    import gc
+    for _ in range(50):
+        machine.call("Echo.count", 10)   # dropped without reading
+    gc.collect()
+    assert len(machine._active) == 0
+    assert machine.call("Echo.echo", "ok") == "ok"
+
+
+def test_manager_proxy_call_before_reading_a_stream():
+    class M(bigmp.BigManager):
+        pass
+    M.register("Echo", Echo)
+    with M() as manager:
+        e = manager.Echo()
+        it = e.count(3)
+        assert e.echo(5) == 5          # its own connection: the stream still owns the first
+        assert list(it) == [0, 1, 2]
+        assert e.echo(6) == 6
