@@ -93,7 +93,7 @@ def format_status(st: Dict[str, Any]) -> str:
                      _pct((r.get("disk") or {}).get("percent")),
                      "/".join(f"{x:.2f}" for x in load[:3]) or "-",
                      str(r.get("calls", 0)), str(r.get("errors", 0))])
-        for why in r.get("reasons") or []:
+        for why in (r.get("reasons") or []) + (r.get("notes") or []):
             notes.append(f"{r['name']}: {why}")
         if r.get("error"):
             notes.append(f"{r['name']}: {r['error']}")

@@ -28,7 +28,7 @@ from .keepalive import Keeper
 from .machine import Machine, State, _Shutdown
 from .stats import Stats
 from .systems import System, get_system
-from .systems.base import encode_config, read_handshake
+from .systems.base import read_handshake
 
 log = logging.getLogger("bigmp")
 
@@ -55,6 +55,7 @@ class B:
         self.debug = None                        # the debug HTTP server (serve_debug)
         if system is not None:
             _sessions.add(self)
+            system.attach(self)
 
     @classmethod
     def remote(cls, authkey: bytes, config: Optional[Dict[str, Any]] = None) -> "B":
@@ -63,7 +64,7 @@ class B:
 
     # -- machines -------------------------------------------------------------------------
 
-    def start(self, n: int = 1, services: Optional[Mapping[str, Any]] = None,
+    def start(self, n: Optional[int] = None, services: Optional[Mapping[str, Any]] = None,
               environ: Optional[Mapping[str, str]] = None, args: Optional[Sequence[str]] = None,
               ) -> List[Machine]:
         """Launch ``n`` machines with ``services`` installed; return their handles at once.
@@ -76,6 +77,8 @@ class B:
             raise RuntimeError("machines can only be started by the driver's session")
         if self._closed:
             raise RuntimeError("this session has been shut down")
+        if n is None:
+            n = self.system.capacity()   # local: one per CPU; ssh: per host, its CPUs
         if n < 1:
             raise ValueError(f"n must be at least 1, not {n}")
         payloads: Dict[str, bytes] = {}
@@ -107,26 +110,22 @@ class B:
                              name=f"bigmp-start-{m.name}", daemon=True).start()
         return machines
 
-    def _launch_config(self, name: str, env: Dict[str, str], argv: List[str]) -> bytes:
+    def _launch_config(self, name: str, env: Dict[str, str], argv: List[str]) -> Dict[str, Any]:
+        """What every worker is told at launch (the System adds what it needs)."""
         timings = self.system.keepalive()
-        config = {"name": name, "authkey": self.authkey, "listen": self.system.listen_address(),
-                  "lease": timings["lease"], "grace": timings["grace"], "environ": env,
-                  "argv": argv, "options": {k: v for k, v in self.options.items()
-                                            if k in ("connect_timeout", "handshake_timeout",
-                                                     "max_frame")}}
-        if getattr(self.system, "mode", None) != "fork":
-            from multiprocessing import spawn
-            prep = spawn.get_preparation_data(name)
-            prep.pop("authkey", None)
-            config["main"] = prep
-            config["sys_path"] = [p for p in sys.path if p]
-        return encode_config(config)
+        return {"name": name, "authkey": self.authkey, "listen": self.system.listen_address(),
+                "lease": timings["lease"], "grace": timings["grace"], "environ": env,
+                "argv": argv, "options": {k: v for k, v in self.options.items()
+                                          if k in ("connect_timeout", "handshake_timeout",
+                                                   "max_frame")}}
 
     def _bring_up(self, m: Machine, payloads: Dict[str, bytes], env, argv) -> None:
         try:
             launch = self.system.launch(m.name, self._launch_config(m.name, env, argv))
         except Exception as exc:
-            m._set_state(State.STOPPED, StartError(f"could not launch {m.name}: {exc!r}"))
+            err = exc if isinstance(exc, StartError) else \
+                StartError(f"could not launch {m.name}: {exc!r}")
+            m._set_state(State.STOPPED, err)
             return
         m.launch = launch
         m.pid = launch.pid
@@ -318,6 +317,12 @@ def start(system: Optional[str] = None, *, authkey: Optional[bytes] = None,
     Options (see :mod:`bigmp.config`) come from these keywords, then ``BIGMP_*`` environment
     variables, then defaults. ``authkey`` defaults to a fresh random key per session.
     """
+    worker = sys.modules.get("bigmp.worker")
+    if worker is not None and worker.importing_main:
+        raise RuntimeError(
+            "bigmp.start() was called while a machine was importing the driver's main "
+            "module: put the driver's code under `if __name__ == \"__main__\":` (as with "
+            "multiprocessing's spawn), or machines would start machines of their own")
     opts = _config.resolve(system=system, **options)
     b = B(get_system(opts["system"], opts), opts, authkey=authkey)
     if opts["debug_addr"]:

@@ -57,7 +57,15 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in [
     Option("start_timeout", float, 60.0, "seconds a machine may take from launch to its handshake"),
     Option("shutdown_timeout", float, 10.0, "seconds shutdown waits for a machine's output to drain"),
     Option("max_frame", int, 1 << 30, "largest frame (bytes) a connection accepts"),
-    Option("hosts", _list, [], "hosts for remote systems"),
+    Option("hosts", _list, [], "hosts for remote systems: [user@]host[:port][?python=PATH&machines=N] or ~/.ssh/config aliases"),
+    Option("ssh_identity", _list, [], "SSH private key files (default: ssh-agent and ~/.ssh keys)"),
+    Option("ssh_known_hosts", str, "~/.ssh/known_hosts", "known_hosts file that host keys are checked against"),
+    Option("ssh_accept_new_hosts", _bool, False, "accept and remember hosts missing from known_hosts (a changed key is still refused)"),
+    Option("ssh_config", str, "~/.ssh/config", "OpenSSH client configuration for host aliases"),
+    Option("ssh_user", str, "", "SSH user when a host names none (default: yours)"),
+    Option("ssh_python", str, "python3", "Python interpreter on the hosts"),
+    Option("ssh_machines_per_host", int, 0, "machines per host when b.start() gets no count (0: the host's CPU count)"),
+    Option("ssh_cache_dir", str, "~/.cache/bigmp", "where hosts cache the code bundle"),
     Option("debug_addr", str, "", "serve the driver's debug pages (/debug/bigmp/status, profile, stats) at host:port; a bare port or :port means loopback; empty: off"),
 ]}
 

@@ -27,7 +27,7 @@ from typing import Any, Optional, Tuple, Union
 
 import cloudpickle
 
-from . import config
+from . import config, tls
 
 Address = Union[Tuple[str, int], str]
 
@@ -89,6 +89,22 @@ class BigConnection(_mpc.Connection):
         self.nrecv += n
         return pickle.loads(data)
 
+    def _recv(self, size, read=None):
+        # One buffer of the frame's size filled in place: the stdlib grows a BytesIO chunk
+        # by chunk, which costs a copy per read on large frames.
+        data = bytearray(size)
+        view = memoryview(data)
+        pos = 0
+        handle = self._handle
+        while pos < size:
+            n = os.readv(handle, [view[pos:]])
+            if n == 0:
+                if pos == 0:
+                    raise EOFError
+                raise OSError("got end of file during message")
+            pos += n
+        return _Buf(data)
+
     def shutdown(self) -> None:
         """Wake any thread blocked on this connection (it sees EOF) without closing the fd."""
         try:
@@ -112,6 +128,56 @@ def address_type(address: Address) -> str:
     return "AF_UNIX" if isinstance(address, str) else "AF_INET"
 
 
+class _Buf:
+    """What Connection._recv returns: the stdlib's callers use getvalue/getbuffer only."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytearray):
+        self.data = data
+
+    def getvalue(self) -> bytes:
+        return bytes(self.data)
+
+    def getbuffer(self) -> memoryview:
+        return memoryview(self.data)
+
+
+class TLSConnection(BigConnection):
+    """A BigConnection over an :class:`ssl.SSLSocket` (remote machines)."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        super().__init__(sock.fileno())
+
+    def _send(self, buf, write=None):
+        self._sock.sendall(buf)
+
+    def _recv(self, size, read=None):
+        data = bytearray(size)
+        view = memoryview(data)
+        pos = 0
+        while pos < size:
+            n = self._sock.recv_into(view[pos:])
+            if n == 0:
+                if pos == 0:
+                    raise EOFError
+                raise OSError("got end of file during message")
+            pos += n
+        return _Buf(data)
+
+    def _poll(self, timeout):
+        if self._sock.pending():
+            return True   # decrypted bytes already buffered: the fd would not say so
+        return bool(_mpc.wait([self._sock], timeout))
+
+    def _close(self, _close=None):
+        self._sock.close()
+
+    def settimeout(self, timeout: Optional[float]) -> None:
+        self._sock.settimeout(timeout)
+
+
 class _Deadline:
     """Wraps a connection so each receive of the handshake waits at most ``timeout``."""
 
@@ -132,6 +198,9 @@ def handshake_server(conn: _mpc.Connection, authkey: bytes, timeout: Optional[fl
     """Server side of the stdlib HMAC challenge, with a deadline on each step."""
     t = config.handshake_timeout() if timeout is None else timeout
     d = _Deadline(conn, t)
+    settimeout = getattr(conn, "settimeout", None)
+    if settimeout is not None:
+        settimeout(t)   # TLS: bounds the TLS handshake hidden in the first send
     try:
         _mpc.deliver_challenge(d, authkey)
         _mpc.answer_challenge(d, authkey)
@@ -139,18 +208,25 @@ def handshake_server(conn: _mpc.Connection, authkey: bytes, timeout: Optional[fl
         if isinstance(exc, TimeoutError):
             raise
         raise AuthenticationError(f"authentication handshake failed: {exc!r}") from exc
+    if settimeout is not None:
+        settimeout(None)
 
 
 def handshake_client(conn: _mpc.Connection, authkey: bytes, timeout: Optional[float] = None) -> None:
     """Client side of the stdlib HMAC challenge, with a deadline on each step."""
     t = config.handshake_timeout() if timeout is None else timeout
     d = _Deadline(conn, t)
+    settimeout = getattr(conn, "settimeout", None)
+    if settimeout is not None:
+        settimeout(t)
     try:
         _mpc.answer_challenge(d, authkey)
         _mpc.deliver_challenge(d, authkey)
     except EOFError as exc:
         raise AuthenticationError(
             "server closed the connection during authentication (wrong authkey?)") from exc
+    if settimeout is not None:
+        settimeout(None)
 
 
 class Listener:
@@ -163,6 +239,9 @@ class Listener:
     def __init__(self, address: Optional[Address] = None, family: Optional[str] = None,
                  backlog: int = 128, authkey: Optional[bytes] = None):
         # As the stdlib: no address means a unix socket in a private temporary directory.
+        self._tls = tls.is_tls_address(address)
+        if self._tls:
+            address = tuple(address[1:])
         family = family or (address and address_type(address)) or "AF_UNIX"
         self._tmpdir = None
         if address is None:
@@ -190,6 +269,8 @@ class Listener:
         self.address = sock.getsockname()
         if family == "AF_INET6":
             self.address = self.address[:2]
+        if self._tls:
+            self.address = ("tls",) + tuple(self.address)
         self._authkey = authkey
         self.last_accepted = None
 
@@ -197,7 +278,7 @@ class Listener:
         s, self.last_accepted = self._socket.accept()
         s.setblocking(True)
         _tune(s)
-        conn = BigConnection(s.detach())
+        conn = TLSConnection(tls.wrap_server(s)) if self._tls else BigConnection(s.detach())
         if self._authkey is not None:
             try:
                 handshake_server(conn, self._authkey)
@@ -258,6 +339,9 @@ def Client(address: Address, family: Optional[str] = None, authkey: Optional[byt
     ``connect_timeout`` and ``handshake_timeout`` options).
     """
     t = config.connect_timeout() if timeout is None else timeout
+    use_tls = tls.is_tls_address(address)
+    if use_tls:
+        address = tuple(address[1:])
     family = family or address_type(address)
     if family == "AF_UNIX":
         s = socket.socket(socket.AF_UNIX)
@@ -268,17 +352,20 @@ def Client(address: Address, family: Optional[str] = None, authkey: Optional[byt
         s.settimeout(t)
         _tune(s)
         _connect(s, address, t)
-        s.settimeout(None)
+        if use_tls:
+            s = tls.wrap_client(s, authkey)   # the TLS handshake, within the timeout
+        else:
+            s.settimeout(None)
     except socket.timeout as exc:
         s.close()
         raise TimeoutError(f"connecting to {address!r} timed out after {t} s") from exc
     except BaseException:
         s.close()
         raise
-    conn = BigConnection(s.detach())
+    conn = TLSConnection(s) if use_tls else BigConnection(s.detach())
     if authkey is not None:
         try:
-            handshake_client(conn, authkey, timeout)
+            handshake_client(conn, authkey, t)
         except BaseException:
             conn.close()
             raise

@@ -99,13 +99,14 @@ def _machine_status(m, info: Any, mstats: Any, driver_rows: List[dict]) -> Dict[
                             "healthy": reply.get("healthy", True)}
         if reply.get("uptime") is not None:
             row["uptime"] = reply["uptime"] + age
-    reasons: List[str] = []
+    reasons: List[str] = []      # why it is unhealthy
+    notes: List[str] = []        # worth seeing, not unhealthy (a busy machine answers late)
     if isinstance(info, dict):
         row.update({k: info.get(k) for k in ("cpu_percent", "memory", "disk", "load", "cpus",
                                              "threads", "hostname", "pid")})
         row["uptime"] = info.get("uptime", row["uptime"])
     elif isinstance(info, BaseException) and m.state == State.RUNNING:
-        reasons.append(f"no answer to status: {type(info).__name__}: {info}")
+        notes.append(f"no answer to Supervisor.info: {type(info).__name__}: {info}")
     mem = (row["memory"] or {}).get("percent")
     if mem is None and reply:
         mem = reply.get("memory_percent")
@@ -113,6 +114,7 @@ def _machine_status(m, info: Any, mstats: Any, driver_rows: List[dict]) -> Dict[
         reasons.append(f"memory nearly exhausted ({mem or reply.get('memory_percent', 0):.0f}% used)")
     row["healthy"] = m.state == State.RUNNING and not reasons
     row["reasons"] = reasons
+    row["notes"] = notes
     mine = [r for r in driver_rows if r["machine"] == m.name]
     row["driver_calls"], row["driver_errors"] = _stats.user_calls(mine)
     served = (mstats or {}).get("served") if isinstance(mstats, dict) else None
@@ -124,7 +126,7 @@ def _machine_status(m, info: Any, mstats: Any, driver_rows: List[dict]) -> Dict[
     return row
 
 
-def status(b, timeout: float = 2.0) -> Dict[str, Any]:
+def status(b, timeout: float = 3.0) -> Dict[str, Any]:
     """The status of session ``b`` as a JSON-ready dict (RUNNING machines are asked for
     ``Supervisor.info`` and ``Supervisor.stats`` in parallel, each within ``timeout``)."""
     from .machine import State
@@ -206,7 +208,8 @@ main{padding:18px 28px}
 table{border-collapse:collapse;width:100%;background:#fff;border-radius:8px;overflow:hidden;box-shadow:0 1px 3px #0002;margin-bottom:22px}
 th{background:#e9edf3;text-align:left;font-weight:600;font-size:12px;text-transform:uppercase;letter-spacing:.04em;color:#4a5568;padding:8px 10px}
 td{padding:8px 10px;border-top:1px solid #edf0f4;vertical-align:top}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td .sub{white-space:nowrap} td .addr{white-space:normal;word-break:break-all;max-width:220px}
 tr.unhealthy td{background:#fff1f0}
 .name{font-weight:600} .sub{color:#6b7385;font-size:12px}
 .badge{display:inline-block;border-radius:10px;padding:1px 9px;font-size:12px;font-weight:600}
@@ -255,15 +258,15 @@ def render_status(st: Dict[str, Any], refresh: int = 10) -> str:
           f"data-healthy='{str(healthy).lower()}'>")
         where = " · ".join(str(x) for x in (r.get("hostname"), r.get("pid") and f"pid {r['pid']}") if x)
         w(f"<td><div class=name>{_E(r['name'])}</div><div class=sub>{_E(where)}</div>"
-          f"<div class=sub>{_E(r.get('addr') or '')}</div></td>")
+          f"<div class='sub addr'>{_E(r.get('addr') or '')}</div></td>")
         w(f"<td><span class='badge {r['state']}'>{r['state']}</span></td>")
         if r["state"] != "RUNNING":
             w("<td><span class=na>–</span></td>")
-        elif healthy:
-            w("<td><span class='badge good'>healthy</span></td>")
         else:
-            w("<td><span class='badge bad'>unhealthy</span>"
-              + "".join(f"<div class=err>{_E(x)}</div>" for x in r["reasons"]) + "</td>")
+            badge = ("<span class='badge good'>healthy</span>" if healthy
+                     else "<span class='badge bad'>unhealthy</span>")
+            w(f"<td>{badge}" + "".join(f"<div class=err>{_E(x)}</div>" for x in r["reasons"])
+              + "".join(f"<div class=sub>{_E(x)}</div>" for x in r["notes"]) + "</td>")
         w(f"<td class=num>{_dur(r.get('uptime'))}</td>")
         ka = r.get("keepalive")
         w("<td class=num>" + (f"{_dur(ka['latency'])}<div class=sub>{_dur(ka['age'])} ago</div>"

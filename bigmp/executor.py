@@ -85,7 +85,8 @@ class Executor(_cf.Executor):
         self._shutdown = False
         self._engine = TaskEngine(max_workers, initializer, tuple(initargs), None,
                                   session=session, system=system, options=options,
-                                  max_resubmits=max_resubmits, kind="executor")
+                                  max_resubmits=max_resubmits, kind="executor",
+                                  wrap_encoding_errors=False)
 
     @property
     def session(self):

@@ -20,6 +20,7 @@ from multiprocessing import managers as _mpm, process as _process, util as _util
 from multiprocessing.connection import wait as _wait
 from typing import Any, Callable, Optional
 
+from . import tls
 from .server import SERIALIZERS, BigServer
 
 __all__ = ["BigManager", "BigSyncManager", "BigProxy", "BigAutoProxy", "Token"]
@@ -131,11 +132,15 @@ class BigProxyMixin:
         # The stdlib drops the authkey unless it is spawning a child, so a proxy sent to
         # another process of the session fails authentication; bigmp keeps it.
         kwds = {"authkey": bytes(self._authkey)}
+        # A server on another host speaks TLS: the session's client credentials travel
+        # with the proxy like its authkey (both are the session's secret).
+        creds = tls.credentials(self._authkey) if tls.is_tls_address(self._token.address) \
+            else None
         if getattr(self, "_isauto", False):
             kwds["exposed"] = self._exposed_
-            return (_mpm.RebuildProxy, (BigAutoProxy, self._token, self._serializer, kwds))
+            return (_rebuild_wrapped, (None, self._token, self._serializer, kwds, creds))
         base = getattr(type(self), "_bigmp_base", type(self))
-        return (_rebuild_wrapped, (base, self._token, self._serializer, kwds))
+        return (_rebuild_wrapped, (base, self._token, self._serializer, kwds, creds))
 
 
 class BigProxy(BigProxyMixin, _mpm.BaseProxy):
@@ -181,7 +186,9 @@ def wrap_proxytype(proxytype: Any) -> Any:
     return wrapped
 
 
-def _rebuild_wrapped(base, token, serializer, kwds):
+def _rebuild_wrapped(base, token, serializer, kwds, creds=None):
+    if creds is not None and tls.credentials(kwds["authkey"]) is None:
+        tls.register(kwds["authkey"], tls.Credentials(**creds))
     return _mpm.RebuildProxy(wrap_proxytype(base), token, serializer, kwds)
 
 

@@ -54,9 +54,11 @@ class BrokenPool(MachineLost, BrokenExecutor):
 class TaskWorker:
     """The service on each machine of a pool: runs chunks of pickled ``(fn, items)``."""
 
-    def __init__(self, initializer: Optional[Callable[..., Any]] = None, initargs=()):
+    def __init__(self, initializer: Optional[Callable[..., Any]] = None, initargs=(),
+                 wrap_encoding_errors: bool = True):
         self.initializer = initializer
         self.initargs = tuple(initargs)
+        self.wrap_encoding_errors = wrap_encoding_errors
 
     def init(self, b) -> None:
         self._origin = os.environ.get("BIGMP_MACHINE") or f"{socket.gethostname()}:{os.getpid()}"
@@ -68,7 +70,8 @@ class TaskWorker:
 
         The first exception stops the chunk (as in :mod:`multiprocessing.pool`) and travels
         back with its traceback; results that cannot be pickled fail the chunk with
-        :class:`multiprocessing.pool.MaybeEncodingError`.
+        :class:`multiprocessing.pool.MaybeEncodingError` (a Pool) or with the pickling
+        error itself (an Executor), as the standard library does.
         """
         origin = getattr(self, "_origin", None) or f"{socket.gethostname()}:{os.getpid()}"
         try:
@@ -85,7 +88,9 @@ class TaskWorker:
         try:
             return True, bytes(dumps(out))
         except Exception as exc:
-            return False, pack_exception(MaybeEncodingError(exc, out), origin)
+            if self.wrap_encoding_errors:
+                exc = MaybeEncodingError(exc, out)
+            return False, pack_exception(exc, origin)
 
     def getpid(self) -> int:
         return os.getpid()
@@ -131,11 +136,12 @@ class Chunk:
 
 
 class _Lost(Exception):
-    """The machine of a slot is gone (``err`` says why)."""
+    """The machine of a slot is gone (``err`` says why); ``ran``: the chunk may have run."""
 
-    def __init__(self, err: BaseException):
+    def __init__(self, err: BaseException, ran: bool = True):
         super().__init__(str(err))
         self.err = err
+        self.ran = ran
 
 
 class _Retry(Exception):
@@ -179,12 +185,12 @@ class TaskEngine:
 
     def __init__(self, processes: int, initializer=None, initargs=(), maxtasks=None, *,
                  session=None, system=None, options: Optional[Dict[str, Any]] = None,
-                 max_resubmits: int = 3, kind: str = "pool"):
+                 max_resubmits: int = 3, kind: str = "pool", wrap_encoding_errors: bool = True):
         from .cluster import start as _start
         options = dict(options or {})
         if session is not None and (system is not None or options):
             raise TypeError("give either session= or system=/bigmp options, not both")
-        worker = TaskWorker(initializer, initargs)
+        worker = TaskWorker(initializer, initargs, wrap_encoding_errors)
         try:
             cloudpickle.dumps(worker)
         except Exception as exc:
@@ -246,11 +252,6 @@ class TaskEngine:
                 return
         for c in failed:
             self._deliver(c, False, err)
-
-    def backlog(self) -> int:
-        """Chunks queued and not yet taken by a machine."""
-        with self._cond:
-            return len(self._queue)
 
     def wait_backlog(self, limit: int) -> bool:
         """Block while more than ``limit`` chunks are queued; False once the engine is over."""
@@ -401,7 +402,7 @@ class TaskEngine:
                     m = self._renew(i, m)
                     done = 0
         except _Lost as lost:
-            self._slot_lost(i, m, chunk, lost.err)
+            self._slot_lost(i, m, chunk, lost.err, lost.ran)
             return
         except Exception as exc:   # a bug here must not strand the chunk
             log.exception("%s slot %d failed", self.kind, i)
@@ -442,6 +443,8 @@ class TaskEngine:
             except Exception as exc:
                 return False, exc
             chunk.items = None
+        if m.state == State.STOPPED:     # died while idle: the chunk never ran there
+            raise _Lost(m.err or MachineStopped(f"{m.name} is stopped"), ran=False)
         try:
             ok, payload = m.call(f"{SERVICE}.run", chunk.job.blob, chunk.mode, chunk.blob)
         except MachineStopped as exc:
@@ -461,9 +464,10 @@ class TaskEngine:
         except Exception as exc:
             return False, exc
 
-    def _resubmit(self, chunk: Chunk, err: BaseException) -> None:
+    def _resubmit(self, chunk: Chunk, err: BaseException, ran: bool = True) -> None:
         """Put a chunk whose machine failed back in front of the queue (or fail it)."""
-        chunk.attempts += 1
+        if ran:
+            chunk.attempts += 1
         give_up = chunk.attempts > self.max_resubmits
         with self._cond:
             self._in_flight -= 1
@@ -484,11 +488,12 @@ class TaskEngine:
             fail.__cause__ = err
         self._deliver(chunk, False, fail)
 
-    def _slot_lost(self, i: int, m: Machine, chunk: Optional[Chunk], err: BaseException) -> None:
+    def _slot_lost(self, i: int, m: Machine, chunk: Optional[Chunk], err: BaseException,
+                   ran: bool = True) -> None:
         if not self._terminated and not isinstance(err, StartError):
             log.info("%s: machine %s lost; resubmitting its unfinished tasks", self.kind, m.name)
         if chunk is not None:
-            self._resubmit(chunk, err)
+            self._resubmit(chunk, err, ran)
         with self._cond:
             self._live -= 1
             self._last_loss = err

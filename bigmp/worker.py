@@ -29,6 +29,8 @@ from .supervisor import Supervisor, flush_all
 log = logging.getLogger("bigmp.worker")
 
 HANDSHAKE_VERSION = 1
+# True while a machine imports the driver's main module (see bigmp.start's guard).
+importing_main = False
 
 
 def _read_line(fd: int) -> bytes:
@@ -56,21 +58,30 @@ def _fresh_stdio() -> None:
 def _apply_environment(config: Dict[str, Any]) -> None:
     environ = config.get("environ")
     if environ is not None:
-        os.environ.clear()
+        if config.get("environ_mode") != "overlay":
+            os.environ.clear()   # a local machine sees exactly the driver's environment
         os.environ.update(environ)
     for p in reversed(config.get("sys_path") or []):
         if p not in sys.path:
             sys.path.insert(0, p)
     prep = config.get("main")
+    if config.get("remote_main") and os.environ.get("BIGMP_CODE_DIR"):
+        # The driver's main script travelled in the code bundle.
+        prep = {"init_main_from_path": os.path.join(os.environ["BIGMP_CODE_DIR"],
+                                                    config["remote_main"])}
     if prep:
         # As multiprocessing's spawn does: load the driver's main module as __mp_main__
         # so that functions and classes pickled by reference from __main__ resolve.
         from multiprocessing import spawn
+        global importing_main
+        importing_main = True
         try:
             spawn.prepare(prep)
         except Exception as exc:
             print(f"bigmp: could not import the driver's main module here: {exc!r}",
                   file=sys.stderr)
+        finally:
+            importing_main = False
     if config.get("argv") is not None:
         sys.argv[:] = list(config["argv"])
 
@@ -85,6 +96,13 @@ def serve(config: Dict[str, Any], handshake_fd: int, lifeline_fd: Optional[int])
     _config.override(**(config.get("options") or {}))
     authkey = config["authkey"]
     listen = config.get("listen")
+    if config.get("tls"):
+        from . import tls
+        tls.register(authkey, tls.Credentials(**config["tls"]), serve=True)
+    if isinstance(listen, (tuple, list)) and len(listen) == 3 and listen[1] == "$SSH":
+        # Listen on the address the driver's SSH connection reached this host at.
+        server_ip = (os.environ.get("SSH_CONNECTION") or "").split()[2:3]
+        listen = ("tls", server_ip[0] if server_ip else "127.0.0.1", listen[2])
     server = BigServer({}, listen, authkey, "bigmp", name=name)
     session = B.remote(authkey, config=config.get("options") or {})
     supervisor = Supervisor(server, session, lease=config["lease"], grace=config["grace"])

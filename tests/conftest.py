@@ -17,11 +17,25 @@ if ROOT not in sys.path:
 BACKENDS = {
     "local-fork": {"system": "local", "local_mode": "fork"},
     "local-spawn": {"system": "local", "local_mode": "spawn"},
+    "ssh": None,   # filled in from the sshd fixture: a real OpenSSH server on loopback
 }
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real OpenSSH sshd on 127.0.0.1-4 (skips when openssh-server is not installed)."""
+    from tests.sshd import SSHD
+    if not os.path.exists("/usr/sbin/sshd"):
+        pytest.skip("openssh-server is not installed (tests/system-deps.sh installs it)")
+    server = SSHD(str(tmp_path_factory.mktemp("sshd")))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request):
+    if request.param == "ssh":
+        return request.getfixturevalue("sshd").options()
     return dict(BACKENDS[request.param])
 
 

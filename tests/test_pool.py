@@ -256,9 +256,12 @@ def test_unpicklable_result(pool):
     assert "Error sending result" in str(exc) and "lock" in str(exc)
 
 
-def test_unpicklable_argument(pool):
+def test_unpicklable_argument_or_function(pool):
     exc = run_error(pool.map, H.identity, [1, threading.Lock()], 1)
     assert type(exc) is TypeError and "pickle" in str(exc)
+    exc = run_error(pool.apply, threading.Lock().locked)
+    assert type(exc) is TypeError and "pickle" in str(exc)
+    assert pool.map(H.square, [3]) == [9]     # the pool still works
 
 
 def test_bad_arguments(impl, make_pool):
@@ -450,6 +453,16 @@ def test_resubmission_limit(bpool, tmp_path):
         pool.apply(H.die_always, (1,))
     assert not isinstance(info.value, bigmp.BrokenPool)
     assert pool.map(H.square, range(6), 1) == [x * x for x in range(6)]
+
+
+def test_machine_lost_while_idle_costs_no_resubmission(bpool):
+    pool = bpool(2, max_resubmits=0)
+    assert pool.map(H.square, range(4), 1) == [0, 1, 4, 9]
+    victim = pool.machines[0]
+    os.kill(victim.info()["pid"], signal.SIGKILL)
+    victim.wait(State.STOPPED, timeout=30)
+    assert pool.map(H.square, range(10), 1) == [x * x for x in range(10)]
+    assert pool.machines == [m for m in pool.session.machines() if m is not victim]
 
 
 def test_failing_initializer_breaks_the_pool(bpool):

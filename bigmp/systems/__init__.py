@@ -13,4 +13,7 @@ def get_system(name: str, options: Dict[str, Any]) -> System:
     if name == "local":
         from .local import LocalSystem
         return LocalSystem(options)
-    raise ValueError(f"unknown bigmp system {name!r}; available: local")
+    if name == "ssh":
+        from .ssh import SSHSystem
+        return SSHSystem(options)
+    raise ValueError(f"unknown bigmp system {name!r}; available: local, ssh")

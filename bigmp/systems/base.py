@@ -78,9 +78,16 @@ class System(abc.ABC):
     def __init__(self, options: Dict[str, Any]):
         self.options = options
 
+    def attach(self, session: Any) -> None:
+        """Called once by the session that owns this System (its authkey is known now)."""
+
     @abc.abstractmethod
-    def launch(self, name: str, config: bytes) -> Launch:
-        """Start one worker process and write ``config`` on its control channel."""
+    def launch(self, name: str, config: Dict[str, Any]) -> Launch:
+        """Start one worker process and send it ``config`` (see :func:`encode_config`)."""
+
+    def capacity(self) -> int:
+        """How many machines ``b.start()`` starts when given no count."""
+        return os.cpu_count() or 1
 
     def machine_name(self, index: int) -> str:
         return f"{self.name}-{index}"

@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 from typing import Any, Dict, Optional
 
-from .base import Launch, System
+from .base import Launch, System, encode_config
 from .forkserver import ForkServer
 
 __all__ = ["LocalSystem"]
@@ -53,7 +54,15 @@ class LocalSystem(System):
         self.mode = mode
         self._forkserver: Optional[ForkServer] = ForkServer() if mode == "fork" else None
 
-    def launch(self, name: str, config: bytes) -> Launch:
+    def launch(self, name: str, config: Dict[str, Any]) -> Launch:
+        if self.mode == "spawn":
+            # A fresh interpreter imports the driver's main module as multiprocessing's
+            # spawn does, so what pickle names in __main__ resolves there.
+            from multiprocessing import spawn
+            prep = spawn.get_preparation_data(name)
+            prep.pop("authkey", None)
+            config = dict(config, main=prep, sys_path=[p for p in sys.path if p])
+        data = encode_config(config)
         theirs, ours = _pipes()
         launch = _LocalLaunch()
         launch.control, launch.handshake, launch.output = ours
@@ -70,7 +79,7 @@ class LocalSystem(System):
             for fd in theirs:
                 os.close(fd)
         try:
-            view = memoryview(config)
+            view = memoryview(data)
             while view:
                 view = view[os.write(launch.control, view):]
         except OSError:

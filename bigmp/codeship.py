@@ -1,0 +1,133 @@
+"""Code shipping: the zip a remote host needs to run the driver's program.
+
+It holds bigmp itself, the pure-Python dependencies (cloudpickle, tblib), the driver's own
+local modules (imported from outside the standard library and site-packages) and its main
+script. The zip is deterministic, so its SHA-256 names it: hosts keep it in a cache
+directory and a second start uploads nothing. Compiled dependencies (psutil) must be
+installed on the host; the bootstrap says so when they are not.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import site
+import sys
+import sysconfig
+import threading
+import zipfile
+from typing import Dict, Iterable, List, Optional, Tuple
+
+__all__ = ["Bundle", "bundle", "REQUIRED_ON_HOST"]
+
+# Compiled dependencies that cannot travel in the zip.
+REQUIRED_ON_HOST = ["psutil"]
+SHIPPED_PACKAGES = ["bigmp", "cloudpickle", "tblib"]
+MAIN_DIR = "_bigmp_main"
+
+
+class Bundle:
+    """The zip's bytes, its hash, and where the main script sits in it (if shipped)."""
+
+    def __init__(self, data: bytes, main: Optional[str]):
+        self.data = data
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.main = main
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def _system_dirs() -> List[str]:
+    dirs = set()
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            dirs.add(os.path.realpath(path))
+    for path in list(getattr(site, "getsitepackages", lambda: [])()) + \
+            [getattr(site, "getusersitepackages", lambda: "")()]:
+        if path:
+            dirs.add(os.path.realpath(path))
+    dirs.add(os.path.realpath(sys.base_prefix))
+    dirs.add(os.path.realpath(sys.prefix))
+    return sorted(dirs)
+
+
+def _under(path: str, dirs: Iterable[str]) -> bool:
+    return any(path == d or path.startswith(d + os.sep) for d in dirs)
+
+
+def _package_files(pkg_dir: str, arc_root: str) -> Iterable[Tuple[str, str]]:
+    for root, subdirs, files in os.walk(pkg_dir):
+        subdirs[:] = sorted(d for d in subdirs if d != "__pycache__")
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                yield path, os.path.join(arc_root, os.path.relpath(path, pkg_dir))
+
+
+def _local_modules(skip: Iterable[str]) -> Dict[str, str]:
+    """arcname -> path for the driver's own modules (not stdlib, not site-packages)."""
+    system = _system_dirs()
+    roots = sorted({os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)},
+                   key=len, reverse=True)
+    out: Dict[str, str] = {}
+    for name, mod in list(sys.modules.items()):
+        if name == "__main__" or name.split(".")[0] in skip:
+            continue
+        path = getattr(mod, "__file__", None)
+        if not path or not path.endswith(".py"):
+            continue
+        path = os.path.realpath(path)
+        if _under(path, system) or "site-packages" in path or "dist-packages" in path:
+            continue
+        for root in roots:
+            if path.startswith(root + os.sep):
+                rel = os.path.relpath(path, root)
+                # Only if the module's dotted name matches its place under that root.
+                expected = name.replace(".", os.sep)
+                if rel in (expected + ".py", os.path.join(expected, "__init__.py")):
+                    out[rel] = path
+                break
+    return out
+
+
+def _build() -> Bundle:
+    entries: Dict[str, str] = {}
+    for pkg in SHIPPED_PACKAGES:
+        mod = sys.modules.get(pkg) or __import__(pkg)
+        pkg_dir = os.path.dirname(os.path.realpath(mod.__file__))
+        for path, arc in _package_files(pkg_dir, pkg):
+            entries[arc] = path
+    for arc, path in _local_modules(SHIPPED_PACKAGES).items():
+        entries.setdefault(arc, path)
+    main = None
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file and main_file.endswith(".py"):
+        real = os.path.realpath(main_file)
+        if not _under(real, _system_dirs()) and "site-packages" not in real:
+            main = f"{MAIN_DIR}/{os.path.basename(real)}"
+            entries[main] = real
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for arc in sorted(entries):
+            info = zipfile.ZipInfo(arc, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            with open(entries[arc], "rb") as f:
+                zf.writestr(info, f.read())
+    return Bundle(buf.getvalue(), main)
+
+
+_cache: Optional[Tuple[frozenset, Bundle]] = None
+_lock = threading.Lock()
+
+
+def bundle() -> Bundle:
+    """The bundle for the program as it is now (rebuilt when new modules were imported)."""
+    global _cache
+    key = frozenset(sys.modules)
+    with _lock:
+        if _cache is None or _cache[0] != key:
+            _cache = (key, _build())
+        return _cache[1]
