@@ -129,6 +129,10 @@ class B:
             return
         m.launch = launch
         m.pid = launch.pid
+        if self._closed or m.state == State.STOPPED:
+            # The session shut down while this machine was launching: it must not linger.
+            launch.close_control()
+            launch.kill()
         m.output = output.forwarder().add(launch.output, m.name)
         # Not in the reporting thread: _exited may wait for the machine's last output.
         launch.on_exit(lambda code: threading.Thread(target=self._exited, args=(m, code),

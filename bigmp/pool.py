@@ -72,12 +72,60 @@ class MapResult(_mpp.MapResult):
                          _safe(error_callback, "error_callback"))
 
 
-class IMapIterator(_mpp.IMapIterator):
+class _Counted:
+    """Counts the results the caller has taken, so the feeder reads only a bounded way ahead."""
+
+    def _init_count(self) -> None:
+        self._taken = 0
+        self._room = threading.Condition(threading.Lock())
+
+    def next(self, timeout=None):
+        # The standard library's next(), plus the count.
+        with self._cond:
+            try:
+                item = self._items.popleft()
+            except IndexError:
+                if self._index == self._length:
+                    self._pool = None
+                    raise StopIteration from None
+                self._cond.wait(timeout)
+                try:
+                    item = self._items.popleft()
+                except IndexError:
+                    if self._index == self._length:
+                        self._pool = None
+                        raise StopIteration from None
+                    raise _mpp.TimeoutError from None
+        with self._room:
+            self._taken += 1
+            self._room.notify_all()
+        success, value = item
+        if success:
+            return value
+        raise value
+
+    __next__ = next
+
+    def _wait_room(self, submitted: int, ahead: int, stop: Callable[[], bool]) -> None:
+        with self._room:
+            while submitted - self._taken >= ahead and not stop():
+                self._room.wait(0.5)
+
+
+class IMapIterator(_Counted, _mpp.IMapIterator):
     """What ``imap`` returns: results in order; ``next(timeout)`` as in the standard library."""
 
+    def __init__(self, pool):
+        super().__init__(pool)
+        self._init_count()
 
-class IMapUnorderedIterator(_mpp.IMapUnorderedIterator):
+
+class IMapUnorderedIterator(_Counted, _mpp.IMapUnorderedIterator):
     """What ``imap_unordered`` returns: results as they complete."""
+
+    def __init__(self, pool):
+        super().__init__(pool)
+        self._init_count()
 
 
 def _apply_deliver(result: ApplyResult):
@@ -126,8 +174,8 @@ class Pool:
 
     Differences from :mod:`multiprocessing`: ``terminate()`` fails the unfinished tasks
     with :class:`bigmp.MachineStopped` rather than leaving their results pending forever;
-    ``imap`` reads its input lazily (a bounded number of chunks ahead) instead of all at
-    once; ``map(..., chunksize=0)`` raises ValueError; callback exceptions are logged.
+    ``imap`` reads its input lazily (a bounded number of chunks ahead of the caller, until
+    ``close()``) instead of all at once; ``map(..., chunksize=0)`` raises ValueError; callback exceptions are logged.
     ``map``, ``starmap``, ``imap`` and ``imap_unordered`` (and their async forms) take
     ``progress=True`` for a progress bar on stderr (tqdm when installed; nothing when
     stderr is not a terminal).
@@ -288,11 +336,19 @@ class Pool:
         if self._state == RUN:
             self._state = CLOSE
             self._engine.close()
+            self._wake_feeders()
+
+    def _wake_feeders(self) -> None:
+        for r in list(self._cache.values()):
+            if isinstance(r, _Counted):
+                with r._room:
+                    r._room.notify_all()
 
     def terminate(self) -> None:
         """Stop the machines now; unfinished tasks fail with :class:`bigmp.MachineStopped`."""
         self._state = TERMINATE
         self._engine.terminate()
+        self._wake_feeders()
 
     def join(self) -> None:
         """Wait until every task is done and the machines have stopped (after close/terminate)."""
@@ -344,6 +400,10 @@ def _feed(engine: TaskEngine, result, job: Job, iterable, chunksize: int, counte
                 return
             if not items:
                 break
+            # Stay ``limit`` chunks ahead of what the caller has taken (until close(): then
+            # everything is read, so that close(); join() works with an untouched iterator)
+            # and of what the machines have taken.
+            result._wait_room(i, limit, engine.closing)
             if not engine.wait_backlog(limit):
                 fail(engine.broken or MachineStopped("the pool was terminated before this "
                                                      "task finished"))

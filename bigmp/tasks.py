@@ -260,9 +260,9 @@ class TaskEngine:
                 self._cond.wait(1.0)
             return not self._terminated and self.broken is None
 
-    @property
-    def terminated(self) -> bool:
-        return self._terminated
+    def closing(self) -> bool:
+        """close() or terminate() was called, or no machine is left."""
+        return self._closing or self._terminated or self.broken is not None
 
     def drain(self) -> List[Chunk]:
         """Take every queued (not yet started) chunk off the queue and return them."""

@@ -78,6 +78,10 @@ class Echo:
     def bad_unpickle_error(self):
         raise BadUnpickle("a", "b")
 
+    def module_file(self, name):
+        import importlib
+        return importlib.import_module(name).__file__
+
     def use(self, proxy, method, *args):
         return getattr(proxy, method)(*args)
 

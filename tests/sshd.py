@@ -36,6 +36,7 @@ class SSHD:
 
     def __init__(self, root: str):
         self.root = root
+        os.makedirs(root, exist_ok=True)
         self.port = _free_port()
         self.host_key = os.path.join(root, "host_key")
         self.client_key = os.path.join(root, "client_key")

@@ -343,6 +343,15 @@ def test_close_lets_a_pending_imap_finish(pool):
     pool.join()
 
 
+def test_close_and_join_with_an_untouched_imap(pool):
+    it = pool.imap(H.square, range(200))
+    un = pool.imap_unordered(H.square, range(200), 7)
+    pool.close()
+    pool.join()
+    assert list(it) == [x * x for x in range(200)]
+    assert sorted(un) == [x * x for x in range(200)]
+
+
 def test_context_manager(impl, make_pool):
     with make_pool() as p:
         assert p.map(H.square, range(5)) == [0, 1, 4, 9, 16]
@@ -495,6 +504,37 @@ def test_callback_exception_does_not_hang(bpool, caplog):
     assert pool.map_async(H.square, [1, 2], callback=bad).get(30) == [1, 4]
 
 
+def test_imap_reads_its_input_lazily(bpool):
+    pool = bpool(2)
+    read = []
+
+    def endless():
+        i = 0
+        while True:
+            read.append(i)
+            yield i
+            i += 1
+    it = pool.imap(H.square, endless())
+    assert [next(it) for _ in range(20)] == [x * x for x in range(20)]
+    assert len(read) < 20 + 4 * 2 + 4 + 3, "the input is read a bounded way ahead"
+    pool.terminate()
+    with pytest.raises(bigmp.MachineStopped):
+        for _ in range(100):
+            next(it)
+
+
+def test_unclosed_pool_warns_and_frees_its_machines():
+    import gc
+    pool = bigmp.Pool(1)
+    assert pool.apply(H.square, (2,)) == 4
+    machines = pool.session.machines()
+    with pytest.warns(ResourceWarning, match="unclosed running bigmp pool"):
+        del pool
+        gc.collect()
+    wait_until(lambda: all(m.state == State.STOPPED for m in machines), timeout=30,
+               what="the machines of a forgotten pool to stop")
+
+
 def test_pool_on_a_given_session():
     with bigmp.start() as b:
         other = b.start(1, services={"Echo": _Echo()})[0]
@@ -581,3 +621,16 @@ def test_progress_uses_tqdm_when_installed(bpool, monkeypatch):
     pool = bpool()
     assert pool.map(H.square, range(30), 4, progress=True) == [x * x for x in range(30)]
     assert len(bars) == 1 and bars[0].total == 30 and bars[0].n == 30 and bars[0].closed
+
+
+def test_pool_and_executor_on_every_backend(backend):
+    """The same small workload on each backend of the contract suite (local fork, spawn, ssh)."""
+    with bigmp.Pool(2, **backend) as pool:
+        assert pool.map(H.square, range(10), 2) == [x * x for x in range(10)]
+        assert pool.apply(lambda a, b: a * b, (6, 7)) == 42
+        with pytest.raises(ValueError, match="bad value 5"):
+            pool.map(H.fail_on, range(8))
+        pool.close()
+        pool.join()
+    with bigmp.Executor(2, **backend) as ex:
+        assert list(ex.map(H.add, range(4), range(4), chunksize=3)) == [0, 2, 4, 6]
