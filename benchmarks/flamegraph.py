@@ -63,7 +63,7 @@ def render(root: Node, title: str = "Flame graph", unit: str = "us",
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
         f'viewBox="0 0 {WIDTH} {height}" font-family="Verdana, DejaVu Sans, sans-serif" '
         f'font-size="{FONT}">',
-        f'<rect width="100%" height="100%" fill="#fdf8ee"/>',
+        '<rect width="100%" height="100%" fill="#fdf8ee"/>',
         f'<text x="{WIDTH / 2}" y="24" text-anchor="middle" font-size="16">{html.escape(title)}</text>',
         f'<text x="{PAD}" y="{height - 10}" fill="#666">width = share of {_fmt(root.value, unit)} '
         f'in that function and its callees; callers below callees. Hover for numbers.</text>',

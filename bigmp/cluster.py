@@ -264,6 +264,8 @@ class B:
         if self._closed:
             return
         self._closed = True
+        if self.system is not None:
+            self.system.prepare_shutdown()
         if self.debug is not None:
             self.debug.close()
         timeout = self.options["shutdown_timeout"] if timeout is None else timeout

@@ -22,101 +22,15 @@ import struct
 import tempfile
 import time
 from multiprocessing import AuthenticationError, connection as _mpc
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, Optional, Tuple, Union
 
-import cloudpickle
-
 from . import config, tls
+from .wire import BigConnection, FrameTooLarge, TLSConnection, dumps, loads  # noqa: F401
 
 Address = Union[Tuple[str, int], str]
 
 __all__ = ["BigConnection", "Listener", "Client", "dumps", "loads", "FrameTooLarge",
            "handshake_server", "handshake_client"]
-
-
-class FrameTooLarge(ValueError):
-    """A frame is longer than the configured maximum (``max_frame``): never retried."""
-
-
-def dumps(obj: Any) -> bytes:
-    """Pickle ``obj`` (protocol 5, multiprocessing reducers); cloudpickle what pickle can't name."""
-    buf = io.BytesIO()
-    try:
-        ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
-    except (pickle.PicklingError, AttributeError, TypeError) as first:
-        try:
-            return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            raise first from exc
-    return buf.getbuffer()
-
-
-def loads(data: Any) -> Any:
-    return pickle.loads(data)
-
-
-class BigConnection(_mpc.Connection):
-    """A :class:`multiprocessing.connection.Connection` with capped frames and cloudpickle fallback."""
-
-    max_frame: Optional[int] = None
-    # Running totals of pickled payload bytes (frame headers excluded), for bigmp.stats.
-    nsent = nrecv = last_recv = 0
-
-    def send(self, obj: Any) -> None:
-        self._check_closed()
-        self._check_writable()
-        data = dumps(obj)
-        limit = self.max_frame if self.max_frame is not None else config.max_frame()
-        if len(data) > limit:
-            raise FrameTooLarge(f"message of {len(data)} bytes is longer than the maximum "
-                                f"frame of {limit} bytes (max_frame / BIGMP_MAX_FRAME)")
-        self.nsent += len(data)
-        self._send_bytes(data)
-
-    def recv(self) -> Any:
-        self._check_closed()
-        self._check_readable()
-        limit = self.max_frame if self.max_frame is not None else config.max_frame()
-        buf = self._recv_bytes(limit)
-        if buf is None:
-            # The stream is out of sync now: the caller must close the connection.
-            raise FrameTooLarge(
-                f"peer sent a frame longer than the maximum of {limit} bytes "
-                "(BIGMP_MAX_FRAME); the connection is closed")
-        data = buf.getbuffer()
-        self.last_recv = n = len(data)
-        self.nrecv += n
-        return pickle.loads(data)
-
-    def _recv(self, size, read=None):
-        # One buffer of the frame's size filled in place: the stdlib grows a BytesIO chunk
-        # by chunk, which costs a copy per read on large frames.
-        data = bytearray(size)
-        view = memoryview(data)
-        pos = 0
-        handle = self._handle
-        while pos < size:
-            n = os.readv(handle, [view[pos:]])
-            if n == 0:
-                if pos == 0:
-                    raise EOFError
-                raise OSError("got end of file during message")
-            pos += n
-        return _Buf(data)
-
-    def shutdown(self) -> None:
-        """Wake any thread blocked on this connection (it sees EOF) without closing the fd."""
-        try:
-            s = socket.socket(fileno=os.dup(self.fileno()))
-        except OSError:
-            return
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        finally:
-            s.close()
 
 
 def _tune(sock: socket.socket) -> None:
@@ -126,56 +40,6 @@ def _tune(sock: socket.socket) -> None:
 
 def address_type(address: Address) -> str:
     return "AF_UNIX" if isinstance(address, str) else "AF_INET"
-
-
-class _Buf:
-    """What Connection._recv returns: the stdlib's callers use getvalue/getbuffer only."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytearray):
-        self.data = data
-
-    def getvalue(self) -> bytes:
-        return bytes(self.data)
-
-    def getbuffer(self) -> memoryview:
-        return memoryview(self.data)
-
-
-class TLSConnection(BigConnection):
-    """A BigConnection over an :class:`ssl.SSLSocket` (remote machines)."""
-
-    def __init__(self, sock):
-        self._sock = sock
-        super().__init__(sock.fileno())
-
-    def _send(self, buf, write=None):
-        self._sock.sendall(buf)
-
-    def _recv(self, size, read=None):
-        data = bytearray(size)
-        view = memoryview(data)
-        pos = 0
-        while pos < size:
-            n = self._sock.recv_into(view[pos:])
-            if n == 0:
-                if pos == 0:
-                    raise EOFError
-                raise OSError("got end of file during message")
-            pos += n
-        return _Buf(data)
-
-    def _poll(self, timeout):
-        if self._sock.pending():
-            return True   # decrypted bytes already buffered: the fd would not say so
-        return bool(_mpc.wait([self._sock], timeout))
-
-    def _close(self, _close=None):
-        self._sock.close()
-
-    def settimeout(self, timeout: Optional[float]) -> None:
-        self._sock.settimeout(timeout)
 
 
 class _Deadline:

@@ -127,7 +127,9 @@ class Machine:
                                  timeout=opts["connect_timeout"] if timeout is None else timeout)
         conn.max_frame = opts["max_frame"]
         try:
-            _mpm.dispatch(conn, None, "accept_bigmp", (f"driver->{self.name}", {"stream": True}))
+            _mpm.dispatch(conn, None, "accept_bigmp", (f"driver->{self.name}",
+                                                      {"stream": True, "oob": True}))
+            conn.enable_oob()
         except BaseException:
             conn.close()
             raise
@@ -216,6 +218,7 @@ class Machine:
             conn = self._acquire()
         except (OSError, EOFError) as exc:
             raise self._lost(exc, method) from None
+        sender = None
         stats = self._b.stats   # bigmp.stats: per-method statistics
         token = stats.begin_call(conn) if stats is not None else None
         kind = None
@@ -224,14 +227,15 @@ class Machine:
             conn.send((service, name, args, kwargs))
             if sources:
                 # From another thread: a streamed reply may start before the input ends.
-                threading.Thread(target=streams.send_sources, args=(conn, sources),
-                                 daemon=True, name=f"bigmp-stream-{self.name}").start()
+                sender = threading.Thread(target=streams.send_sources, args=(conn, sources),
+                                          daemon=True, name=f"bigmp-stream-{self.name}")
+                sender.start()
             if deadline is not None and not conn.poll(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"{method} on {self.name} did not return in time")
             kind, result = conn.recv()
             if kind == "#STREAM":
                 ok = None   # the stream owns the connection now
-                return self._stream(conn, method)
+                return StreamReply(self, conn, method, sender)
             ok = True
         except (EOFError, OSError) as exc:
             if isinstance(exc, TimeoutError):
@@ -241,13 +245,14 @@ class Machine:
             if token is not None:
                 stats.called(self.name, method, conn, token, kind)
             if ok is not None:
+                if sender is not None:
+                    if not ok:
+                        conn.shutdown()   # the sender must not write on a broken call
+                    sender.join()         # done or about to be: it finished its last frame
                 self._release(conn, ok)
         if kind == "#RETURN":
             return result
         raise _mpm.convert_to_error(kind, result)
-
-    def _stream(self, conn, method: str) -> "StreamReply":
-        return StreamReply(self, conn, method)
 
     def call_async(self, method: str, *args: Any, timeout: Optional[float] = None,
                    **kwargs: Any) -> "Future[Any]":
@@ -301,10 +306,12 @@ class StreamReply:
     dropped unread gives its connection back when it is garbage collected.
     """
 
-    def __init__(self, machine: Machine, conn, method: str):
+    def __init__(self, machine: Machine, conn, method: str,
+                 sender: Optional[threading.Thread] = None):
         self._machine = machine
         self._conn = conn
         self._method = method
+        self._sender = sender   # still streaming our arguments, maybe
 
     def __iter__(self) -> "StreamReply":
         return self
@@ -328,6 +335,10 @@ class StreamReply:
     def _finish(self, reusable: bool) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
+            if self._sender is not None:
+                if not reusable:
+                    conn.shutdown()
+                self._sender.join()
             self._machine._release(conn, reusable)
 
     def close(self) -> None:

@@ -42,7 +42,10 @@ class BigProxyMixin:
         conn = self._Client(address, authkey=self._authkey)
         if address not in _legacy_servers:
             try:
-                _mpm.dispatch(conn, None, "accept_bigmp", (name, {"stream": True}))
+                oob = hasattr(conn, "enable_oob")   # not for the xmlrpclib serializer
+                _mpm.dispatch(conn, None, "accept_bigmp", (name, {"stream": True, "oob": oob}))
+                if oob:
+                    conn.enable_oob()
                 self._tls.connection = conn
                 return
             except _mpm.RemoteError as exc:

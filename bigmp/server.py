@@ -12,7 +12,6 @@ Differences from :class:`multiprocessing.managers.Server` that a caller can see:
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import socket
@@ -29,6 +28,8 @@ from .errors import UnknownMethod, UnknownService, Unserializable, pack_exceptio
 log = logging.getLogger("bigmp.server")
 
 __all__ = ["BigServer", "public_methods", "SERIALIZERS"]
+
+_GeneratorType = types.GeneratorType
 
 
 def public_methods(obj: Any) -> list:
@@ -179,9 +180,12 @@ class BigServer(_mpm.Server):
             conn.close()
 
     def accept_bigmp(self, c, name: str, caps: dict):
-        """Like ``accept_connection``, for clients that understand streamed replies."""
+        """Like ``accept_connection``, for bigmp clients: streamed replies, and large
+        buffers out of band (both ends switch after this reply)."""
         threading.current_thread().name = name
         c.send(("#RETURN", None))
+        if caps.get("oob") and hasattr(c, "enable_oob"):
+            c.enable_oob()
         self.serve_client(c, streaming=bool(caps.get("stream")))
 
     def accept_connection(self, c, name):
@@ -193,9 +197,10 @@ class BigServer(_mpm.Server):
 
     def serve_client(self, conn, streaming: bool = False):
         self._local.state = types.SimpleNamespace(conn=conn, driver=False)
-        self._local.after = []
+        after = self._local.after = []
+        stopping = self.stop_event.is_set
         try:
-            while not self.stop_event.is_set():
+            while not stopping():
                 try:
                     request = conn.recv()
                 except connection.FrameTooLarge as exc:
@@ -215,9 +220,11 @@ class BigServer(_mpm.Server):
                     return
                 if token is not None:
                     stats.served(self, conn, request, msg, token)
-                after, self._local.after = self._local.after, []
-                for fn in after:
-                    fn()
+                if after:   # filled by after_reply() during the call, rarely
+                    fns = after[:]
+                    after.clear()
+                    for fn in fns:
+                        fn()
         finally:
             hook = self.on_connection_closed
             if hook is not None:
@@ -240,7 +247,7 @@ class BigServer(_mpm.Server):
         demux = None
         try:
             ident, methodname, args, kwds = request
-            if streaming:
+            if streaming and (args or kwds):
                 # Bound first, so that the streamed frames are drained whatever happens.
                 args, kwds, demux = streams.bind_stream_args(conn, args, kwds)
             obj, exposed, gettypeid = self._lookup(ident)
@@ -252,7 +259,7 @@ class BigServer(_mpm.Server):
                         f"{methodname!r}; methods: {sorted(exposed)}")
                 return ("#RETURN", fallback(self, conn, ident, obj, *args, **kwds)), None, demux
             res = getattr(obj, methodname)(*args, **kwds)
-            if streaming and inspect.isgenerator(res):
+            if streaming and type(res) is _GeneratorType:
                 # The generator may still read its streamed input: drain after it ends.
                 return ("#STREAM", None), res, demux
             typeid = gettypeid and gettypeid.get(methodname, None)

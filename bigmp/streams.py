@@ -183,8 +183,14 @@ class RemoteReader(io.RawIOBase):
 
 
 def count_stream_args(args: tuple, kwds: dict) -> int:
-    return sum(isinstance(v, StreamArg) for v in args) + \
-        sum(isinstance(v, StreamArg) for v in kwds.values())
+    n = 0
+    for v in args:
+        if type(v) is StreamArg:
+            n += 1
+    for v in kwds.values():
+        if type(v) is StreamArg:
+            n += 1
+    return n
 
 
 def bind_stream_args(conn, args: tuple, kwds: dict) -> Tuple[tuple, dict, Optional[_Demux]]:

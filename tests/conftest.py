@@ -18,6 +18,7 @@ BACKENDS = {
     "local-fork": {"system": "local", "local_mode": "fork"},
     "local-spawn": {"system": "local", "local_mode": "spawn"},
     "ssh": None,   # filled in from the sshd fixture: a real OpenSSH server on loopback
+    "testing": {"system": "testing"},   # local machines behind fault-injecting relays
 }
 
 

@@ -9,11 +9,14 @@ __all__ = ["System", "Launch", "get_system"]
 
 
 def get_system(name: str, options: Dict[str, Any]) -> System:
-    """The System called ``name`` (``local``; more backends to come)."""
+    """The System called ``name`` (``local``, ``ssh`` or ``testing``)."""
     if name == "local":
         from .local import LocalSystem
         return LocalSystem(options)
     if name == "ssh":
         from .ssh import SSHSystem
         return SSHSystem(options)
-    raise ValueError(f"unknown bigmp system {name!r}; available: local, ssh")
+    if name == "testing":
+        from .testing import TestingSystem
+        return TestingSystem(options)
+    raise ValueError(f"unknown bigmp system {name!r}; available: local, ssh, testing")

@@ -110,6 +110,9 @@ class System(abc.ABC):
         """
         return addr
 
+    def prepare_shutdown(self) -> None:
+        """Called first by the session's shutdown (the testing system undoes its faults)."""
+
     def shutdown(self) -> None:
         """Release what the backend holds (fork server, SSH connections, ...)."""
 

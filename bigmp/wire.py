@@ -1,0 +1,384 @@
+"""Frames on a connection: the stdlib's format, read and written with fewer copies and calls.
+
+A frame is ``!i`` length + pickle, exactly as :mod:`multiprocessing.connection` writes it,
+so a stdlib peer can still talk to us. What changes is how we do it:
+
+* reads go through a read-ahead buffer: a small request arrives in one ``read`` call
+  (the stdlib needs two: the length, then the body), and big bodies are read straight
+  into one buffer of their size;
+* each connection keeps its own pickler (the stdlib builds a new one, copying the reducer
+  table, for every message);
+* between two bigmp ends (``oob`` set once both said so), large buffers travel *out of
+  band* (pickle protocol 5): the frame is ``-2``, the pickle, then the raw buffers, written
+  with one vectored ``writev`` and read into buffers of their own, so 100 MiB of bytes is
+  not copied into and out of a pickle stream;
+* frames longer than ``max_frame`` are refused before their body is read (or sent).
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import socket
+import struct
+from multiprocessing import connection as _mpc
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, List, Optional
+
+import cloudpickle
+
+from . import config
+
+__all__ = ["BigConnection", "TLSConnection", "FrameTooLarge", "dumps", "loads", "OOB_MIN"]
+
+_HDR = struct.Struct("!i")
+_Q = struct.Struct("!Q")
+_READ_AHEAD = 65536
+OOB_MIN = 1 << 16          # buffers at least this large travel out of band
+_OOB_MARK = -2
+
+
+class FrameTooLarge(ValueError):
+    """A frame is longer than the configured maximum (``max_frame``): never retried."""
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` (protocol 5, multiprocessing reducers); cloudpickle what pickle can't name."""
+    buf = io.BytesIO()
+    try:
+        ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
+    except (pickle.PicklingError, AttributeError, TypeError) as first:
+        try:
+            return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise first from exc
+    return buf.getvalue()
+
+
+def loads(data: Any) -> Any:
+    return pickle.loads(data)
+
+
+def _bytes_from(buf) -> bytes:
+    return bytes(buf)
+
+
+class _LargeBytes:
+    """Stands in for a large ``bytes`` so its data goes out of band (pickle keeps bytes
+    in-band); the receiver gets ``bytes`` again."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return (_bytes_from, (pickle.PickleBuffer(self.data),))
+
+
+def _mark_large(obj: Any) -> Any:
+    """Wrap large bytes in a message: ``(ident, name, args, kwds)`` or ``(kind, result)``."""
+    if type(obj) is not tuple:
+        return obj
+    found = False
+    for x in obj:
+        t = type(x)
+        if t is bytes:
+            if len(x) >= OOB_MIN:
+                found = True
+                break
+        elif t is tuple:
+            for y in x:
+                if type(y) is bytes and len(y) >= OOB_MIN:
+                    found = True
+                    break
+        elif t is dict:
+            for y in x.values():
+                if type(y) is bytes and len(y) >= OOB_MIN:
+                    found = True
+                    break
+    if not found:
+        return obj
+    return tuple(_wrap(x) for x in obj)
+
+
+def _wrap(x: Any) -> Any:
+    t = type(x)
+    if t is bytes:
+        return _LargeBytes(x) if len(x) >= OOB_MIN else x
+    if t is tuple:
+        return tuple(_LargeBytes(y) if type(y) is bytes and len(y) >= OOB_MIN else y for y in x)
+    if t is dict:
+        return {k: _LargeBytes(v) if type(v) is bytes and len(v) >= OOB_MIN else v
+                for k, v in x.items()}
+    return x
+
+
+class _Buf:
+    """What ``Connection._recv_bytes`` returns (the stdlib's callers use these two)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
+
+    def getvalue(self) -> bytes:
+        return bytes(self.data)
+
+    def getbuffer(self) -> memoryview:
+        return memoryview(self.data)
+
+
+class BigConnection(_mpc.Connection):
+    """A :class:`multiprocessing.connection.Connection` with the changes the module lists."""
+
+    max_frame: Optional[int] = None
+    oob = False     # both ends are bigmp: large buffers may travel out of band
+    # Running totals of pickled payload bytes (frame headers excluded), for bigmp.stats.
+    nsent = nrecv = last_recv = 0
+
+    def __init__(self, handle, readable=True, writable=True):
+        super().__init__(handle, readable, writable)
+        self._rbuf = bytearray(_READ_AHEAD)
+        self._rview = memoryview(self._rbuf)
+        self._rpos = self._rend = 0
+        self.max_frame = config.max_frame()   # read once: the hot path must not parse env
+        self._pbuf = io.BytesIO()
+        self._pickler: Optional[pickle.Pickler] = None
+        self._oob: List[pickle.PickleBuffer] = []
+
+    # -- limits -------------------------------------------------------------------------
+
+    def _limit(self) -> int:
+        return self.max_frame if self.max_frame is not None else config.max_frame()
+
+    def _too_large(self, size: int, sending: bool) -> FrameTooLarge:
+        limit = self._limit()
+        if sending:
+            return FrameTooLarge(f"message of {size} bytes is longer than the maximum frame "
+                                 f"of {limit} bytes (max_frame / BIGMP_MAX_FRAME)")
+        return FrameTooLarge(f"peer sent a frame longer than the maximum of {limit} bytes "
+                             "(BIGMP_MAX_FRAME); the connection is closed")
+
+    # -- sending ------------------------------------------------------------------------
+
+    def _pickle(self, obj: Any):
+        """(payload, out-of-band buffers); the payload view is valid until the next call."""
+        buf = self._pbuf
+        buf.seek(0)
+        buf.truncate()
+        oob = self._oob
+        oob.clear()
+        if self.oob:
+            obj = _mark_large(obj)
+            pickler = self._pickler
+            if pickler is None:
+                pickler = self._pickler = ForkingPickler(buf, 5, True, self._keep)
+        else:
+            pickler = self._pickler
+            if pickler is None:
+                pickler = self._pickler = ForkingPickler(buf, 5)
+        try:
+            pickler.clear_memo()
+            pickler.dump(obj)
+        except (pickle.PicklingError, AttributeError, TypeError) as first:
+            oob.clear()
+            try:
+                return cloudpickle.dumps(obj, protocol=5), []
+            except Exception as exc:
+                raise first from exc
+        return buf.getbuffer(), list(oob)
+
+    def enable_oob(self) -> None:
+        """Both ends are bigmp: send large buffers out of band from now on."""
+        self.oob = True
+        self._pickler = None
+
+    def _send_bytes(self, buf) -> None:
+        n = len(buf)
+        if n > 0x7fffffff:
+            self._sendv([_HDR.pack(-1), _Q.pack(n), buf])
+        elif n < 16384:
+            self._send(_HDR.pack(n) + bytes(buf))
+        else:
+            self._sendv([_HDR.pack(n), buf])   # one writev, not two writes
+
+    def _keep(self, pb: pickle.PickleBuffer):
+        raw = pb.raw()
+        if raw.nbytes < OOB_MIN:
+            return True    # small: in band after all
+        self._oob.append(raw)
+        return False
+
+    def send(self, obj: Any) -> None:
+        self._check_closed()
+        self._check_writable()
+        payload, buffers = self._pickle(obj)
+        try:
+            size = len(payload) + sum(b.nbytes for b in buffers)
+            if size > self._limit():
+                raise self._too_large(size, True)
+            self.nsent += size
+            if buffers:
+                head = [_HDR.pack(_OOB_MARK), struct.pack("!I", len(buffers) + 1),
+                        _Q.pack(len(payload))] + [_Q.pack(b.nbytes) for b in buffers]
+                self._sendv([b"".join(head), payload] + buffers)
+            else:
+                self._send_bytes(payload)
+        finally:
+            if isinstance(payload, memoryview):
+                payload.release()
+
+    def _sendv(self, parts: List[Any]) -> None:
+        views = [memoryview(p).cast("B") for p in parts]
+        fd = self._handle
+        while views:
+            n = os.writev(fd, views[:1024])
+            while n:
+                if n >= views[0].nbytes:
+                    n -= views[0].nbytes
+                    views.pop(0)
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+
+    # -- receiving ----------------------------------------------------------------------
+    # A fixed read-ahead buffer: bytes [_rpos, _rend) of _rbuf are read but not consumed.
+
+    def _read_into(self, view: memoryview) -> int:
+        return os.readv(self._handle, [view])
+
+    def _fill(self, n: int) -> None:
+        """Have at least ``n`` unconsumed bytes in the read-ahead buffer."""
+        have = self._rend - self._rpos
+        if have >= n:
+            return
+        rbuf = self._rbuf
+        if self._rpos + n > len(rbuf):
+            # Move what is left to the front (n <= _READ_AHEAD: it then fits).
+            rbuf[:have] = rbuf[self._rpos:self._rend]
+            self._rpos, self._rend = 0, have
+        view = self._rview
+        while self._rend - self._rpos < n:
+            got = self._read_into(view[self._rend:])
+            if got == 0:
+                if self._rend == self._rpos:
+                    raise EOFError
+                raise OSError("got end of file during message")
+            self._rend += got
+
+    def _take(self, n: int):
+        """The next ``n`` bytes: a view into the read-ahead buffer when they fit (valid
+        until the next read), else a buffer of their own filled straight from the socket."""
+        have = self._rend - self._rpos
+        if n <= _READ_AHEAD:
+            self._fill(n)
+            start = self._rpos
+            self._rpos += n
+            if self._rpos == self._rend:
+                self._rpos = self._rend = 0
+            return self._rview[start:start + n]
+        out = bytearray(n)
+        view = memoryview(out)
+        view[:have] = self._rview[self._rpos:self._rend]
+        self._rpos = self._rend = 0
+        pos = have
+        while pos < n:
+            got = self._read_into(view[pos:])
+            if got == 0:
+                raise OSError("got end of file during message")
+            pos += got
+        return out
+
+    def _frame_size(self) -> int:
+        self._fill(4)
+        size, = _HDR.unpack_from(self._rbuf, self._rpos)
+        self._rpos += 4
+        if size == -1:
+            self._fill(8)
+            size, = _Q.unpack_from(self._rbuf, self._rpos)
+            self._rpos += 8
+        return size
+
+    def _recv_bytes(self, maxsize=None):
+        size = self._frame_size()
+        if size < 0 or (maxsize is not None and size > maxsize):
+            return None
+        return _Buf(bytes(self._take(size)))
+
+    def recv(self) -> Any:
+        self._check_closed()
+        self._check_readable()
+        size = self._frame_size()
+        if size == _OOB_MARK:
+            return self._recv_oob()
+        if size < 0 or size > self._limit():
+            raise self._too_large(size, False)
+        self.last_recv = size
+        self.nrecv += size
+        return pickle.loads(self._take(size))
+
+    def _recv_oob(self) -> Any:
+        self._fill(4)
+        count, = struct.unpack_from("!I", self._rbuf, self._rpos)
+        self._rpos += 4
+        lengths = [_Q.unpack(self._take(8))[0] for _ in range(count)]
+        if sum(lengths) > self._limit():
+            raise self._too_large(sum(lengths), False)
+        payload = bytes(self._take(lengths[0]))
+        buffers = [self._take_own(n) for n in lengths[1:]]
+        self.last_recv = n = sum(lengths)
+        self.nrecv += n
+        return pickle.loads(payload, buffers=buffers)
+
+    def _take_own(self, n: int) -> bytearray:
+        """Like _take, but always a buffer of its own (it outlives the next read)."""
+        data = self._take(n)
+        return data if isinstance(data, bytearray) else bytearray(data)
+
+    def _poll(self, timeout):
+        if self._rend > self._rpos:
+            return True   # read ahead already: the fd would not say so
+        return super()._poll(timeout)
+
+    def shutdown(self) -> None:
+        """Wake any thread blocked on this connection (it sees EOF) without closing the fd."""
+        try:
+            s = socket.socket(fileno=os.dup(self.fileno()))
+        except OSError:
+            return
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            s.close()
+
+
+class TLSConnection(BigConnection):
+    """A BigConnection over an :class:`ssl.SSLSocket` (remote machines)."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        super().__init__(sock.fileno())
+
+    def _send(self, buf, write=None):
+        self._sock.sendall(buf)
+
+    def _sendv(self, parts: List[Any]) -> None:
+        for p in parts:
+            self._sock.sendall(p)
+
+    def _read_into(self, view: memoryview) -> int:
+        return self._sock.recv_into(view)
+
+    def _poll(self, timeout):
+        if self._rend > self._rpos or self._sock.pending():
+            return True   # decrypted or read-ahead bytes waiting: the fd would not say so
+        return bool(_mpc.wait([self._sock], timeout))
+
+    def _close(self, _close=None):
+        self._sock.close()
+
+    def settimeout(self, timeout: Optional[float]) -> None:
+        self._sock.settimeout(timeout)
