@@ -268,15 +268,22 @@ class B:
             self.system.prepare_shutdown()
         if self.debug is not None:
             self.debug.close()
+        self._stop_machines(self.machines(), timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.system is not None:
+            self.system.shutdown()
+
+    def _stop_machines(self, machines: List[Machine], timeout: Optional[float]) -> None:
+        """Ask ``machines`` to exit, wait for their output to drain, kill what is left."""
         timeout = self.options["shutdown_timeout"] if timeout is None else timeout
-        machines = self.machines()
         for m in machines:
+            m._shutting_down = True
             if m.keepalive is not None:
                 m.keepalive.stop()
         running = [m for m in machines if m.state == State.RUNNING]
 
         def ask(m: Machine) -> None:
-            m._shutting_down = True
             try:
                 m.call("Supervisor.shutdown", timeout=timeout)
             except Exception as exc:
@@ -300,10 +307,6 @@ class B:
             if m.launch is not None and m.launch.returncode is None and m.output is not None \
                     and not m.output.drained.is_set():
                 m.launch.kill()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        if self.system is not None:
-            self.system.shutdown()
 
     def __enter__(self) -> "B":
         return self

@@ -188,6 +188,9 @@ class Machine:
         except (ConnectionRefusedError, FileNotFoundError) as exc:
             if not self.owned:
                 return None   # a dialed machine may be restarting: only its owner can say
+            if self._shutting_down:
+                self._set_state(State.STOPPED, _Shutdown(f"{self.name} was shut down"))
+                return False
             self._set_state(State.STOPPED, MachineLost(
                 f"machine {self.name} is gone: its address {self.addr!r} refuses connections "
                 f"({exc.strerror or exc!r})"))
@@ -290,6 +293,14 @@ class Machine:
     def service(self, name: str) -> "ServiceProxy":
         """A proxy whose methods call the service: ``m.service("PI").sample(n)``."""
         return ServiceProxy(self, name)
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Stop this machine alone (as :meth:`B.shutdown` does for all): ask it to exit,
+        wait for its output to drain, kill it if it does not go."""
+        if not self.owned:
+            raise RuntimeError(f"{self.name} was dialed, not started, by this session: "
+                               "only its owner can shut it down")
+        self._b._stop_machines([self], timeout)
 
     def info(self) -> Dict[str, Any]:
         """pid, hostname, CPUs, memory, disk, load and more, measured on the machine."""

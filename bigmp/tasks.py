@@ -152,7 +152,6 @@ class _Retry(Exception):
         self.err = err
 
 
-_retire_lock = threading.Lock()
 
 
 def retire(m: Machine, timeout: float = 10.0) -> None:
@@ -163,21 +162,8 @@ def retire(m: Machine, timeout: float = 10.0) -> None:
         m.wait(State.RUNNING, timeout=timeout)
     except TimeoutError:
         pass
-    if m.state == State.STOPPED:
-        return
-    with _retire_lock:
-        first = not m._shutting_down
-        m._shutting_down = True
-    if m.keepalive is not None:
-        m.keepalive.stop()
-    try:
-        if first:
-            m.call("Supervisor.shutdown", timeout=timeout)
-        m.wait(State.STOPPED, timeout=timeout)   # its exit has been seen: not "lost" later
-    except Exception as exc:
-        log.debug("retiring %s: %r", m.name, exc)
-        if m.launch is not None and m.state != State.STOPPED:
-            m.launch.kill()
+    if m.state != State.STOPPED:
+        m.shutdown(timeout)
 
 
 class TaskEngine:

@@ -62,7 +62,7 @@ def test_hung_machine_is_marked_stopped_by_keepalive(backend):
             with pytest.raises(TimeoutError):
                 m.call("Echo.echo", 1, timeout=0.3)
             assert m.wait(State.STOPPED, timeout=15) == State.STOPPED
-            assert "keepalive" in str(m.err)
+            assert "keepalive" in str(m.err), repr(m.err)
         finally:
             try:
                 os.kill(pid, signal.SIGCONT)

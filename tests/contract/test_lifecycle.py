@@ -178,3 +178,15 @@ def test_spawned_machine_survives_prints_in_driver_main(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "result 42" in out.stdout
     assert "local-0: printed at import time" in out.stderr
+
+
+def test_one_machine_can_be_shut_down_alone(session, capfd):
+    a, b = session.start(2, services={"Echo": Echo()})
+    a.call("Echo.say", "last words")
+    a.shutdown()
+    assert a.state == State.STOPPED
+    assert not isinstance(a.err, bigmp.MachineLost)
+    with pytest.raises(bigmp.MachineStopped):
+        a.call("Echo.echo", 1)
+    assert b.call("Echo.echo", 2) == 2
+    assert f"{a.name}: last words" in capfd.readouterr().err
