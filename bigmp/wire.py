@@ -36,6 +36,7 @@ _Q = struct.Struct("!Q")
 _READ_AHEAD = 65536
 OOB_MIN = 1 << 16          # buffers at least this large travel out of band
 _OOB_MARK = -2
+_IS_BYTES = 1 << 63
 
 
 class FrameTooLarge(ValueError):
@@ -60,7 +61,35 @@ def loads(data: Any) -> Any:
 
 
 def _bytes_from(buf) -> bytes:
-    return bytes(buf)
+    return buf if type(buf) is bytes else bytes(buf)
+
+
+def _fresh_bytes(n: int):
+    """(a new, uninitialised ``bytes`` of size n, a writable view of it) on CPython.
+
+    Reading a large payload straight into the ``bytes`` object the caller will get saves
+    a copy of it. Nobody else holds the object until we return it, so filling it in is
+    safe; elsewhere than CPython this returns a bytearray instead.
+    """
+    if _PyBytes_FromStringAndSize is None:
+        data = bytearray(n)
+        return data, memoryview(data)
+    obj = _PyBytes_FromStringAndSize(None, n)
+    addr = id(obj) + _BYTES_OFFSET
+    return obj, memoryview((ctypes.c_char * n).from_address(addr)).cast("B")
+
+
+try:
+    import ctypes
+    import platform as _platform
+    if _platform.python_implementation() != "CPython":
+        raise ImportError
+    _PyBytes_FromStringAndSize = ctypes.pythonapi.PyBytes_FromStringAndSize
+    _PyBytes_FromStringAndSize.restype = ctypes.py_object
+    _PyBytes_FromStringAndSize.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
+    _BYTES_OFFSET = bytes.__basicsize__ - 1   # ob_sval, after the header
+except Exception:   # pragma: no cover - other interpreters
+    _PyBytes_FromStringAndSize = None
 
 
 class _LargeBytes:
@@ -220,8 +249,12 @@ class BigConnection(_mpc.Connection):
                 raise self._too_large(size, True)
             self.nsent += size
             if buffers:
+                # Each length's top bit says "this buffer was a bytes object": the reader
+                # then fills a bytes object directly (see _fresh_bytes).
                 head = [_HDR.pack(_OOB_MARK), struct.pack("!I", len(buffers) + 1),
-                        _Q.pack(len(payload))] + [_Q.pack(b.nbytes) for b in buffers]
+                        _Q.pack(len(payload))] + \
+                    [_Q.pack(b.nbytes | (_IS_BYTES if type(b.obj) is bytes else 0))
+                     for b in buffers]
                 self._sendv([b"".join(head), payload] + buffers)
             else:
                 self._send_bytes(payload)
@@ -322,19 +355,37 @@ class BigConnection(_mpc.Connection):
         self._fill(4)
         count, = struct.unpack_from("!I", self._rbuf, self._rpos)
         self._rpos += 4
-        lengths = [_Q.unpack(self._take(8))[0] for _ in range(count)]
+        raw = [_Q.unpack(self._take(8))[0] for _ in range(count)]
+        lengths = [n & ~_IS_BYTES for n in raw]
         if sum(lengths) > self._limit():
             raise self._too_large(sum(lengths), False)
         payload = bytes(self._take(lengths[0]))
-        buffers = [self._take_own(n) for n in lengths[1:]]
+        buffers = [self._take_own(n, bool(r & _IS_BYTES)) for n, r in zip(lengths[1:], raw[1:])]
         self.last_recv = n = sum(lengths)
         self.nrecv += n
         return pickle.loads(payload, buffers=buffers)
 
-    def _take_own(self, n: int) -> bytearray:
-        """Like _take, but always a buffer of its own (it outlives the next read)."""
-        data = self._take(n)
-        return data if isinstance(data, bytearray) else bytearray(data)
+    def _take_own(self, n: int, as_bytes: bool = False):
+        """The next ``n`` bytes in a buffer of their own (it outlives the next read):
+        a ``bytes`` object when the sender's was one, else a writable bytearray."""
+        if as_bytes:
+            obj, view = _fresh_bytes(n)
+        else:
+            obj = bytearray(n)
+            view = memoryview(obj)
+        have = min(n, self._rend - self._rpos)
+        view[:have] = self._rview[self._rpos:self._rpos + have]
+        self._rpos += have
+        if self._rpos == self._rend:
+            self._rpos = self._rend = 0
+        pos = have
+        while pos < n:
+            got = self._read_into(view[pos:])
+            if got == 0:
+                raise OSError("got end of file during message")
+            pos += got
+        view.release()
+        return obj
 
     def _poll(self, timeout):
         if self._rend > self._rpos:

@@ -154,3 +154,20 @@ def test_deeply_recursive_argument_is_an_error_not_a_crash(server):
     with pytest.raises(RecursionError):
         call(server.address, x=nested)
     assert call(server.address, x=4) == 4
+
+
+@pytest.mark.parametrize("value", [
+    b"\x00\x01" * (1 << 20),                       # large bytes: out of band, back as bytes
+    bytearray(os.urandom(1 << 18)),               # large bytearray: out of band, writable
+    (b"a" * 100000, {"k": b"b" * 70000}, "small"),
+    [b"c" * 100000],                               # inside a list: in band, still exact
+])
+def test_large_buffers_round_trip_exactly(value):
+    with bigmp.start() as b:
+        m = b.start(1, services={"T": Thing()})[0]
+        got = m.call("T.echo", value)
+        assert got == value and type(got) is type(value)
+        if isinstance(got, bytearray):
+            got[0] ^= 1   # writable, as a bytearray must be
+        if isinstance(got, tuple):
+            assert type(got[0]) is bytes and type(got[1]["k"]) is bytes
