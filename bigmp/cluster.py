@@ -153,7 +153,7 @@ class B:
             m.keepalive.start()
             for name, payload in payloads.items():
                 try:
-                    m._invoke("Supervisor.register", name, payload)
+                    m._invoke("Supervisor.register", (name, payload), {})
                 except Exception as exc:
                     raise StartError(f"service {name!r} failed to start on {m.name}: "
                                      f"{type(exc).__name__}: {exc}") from exc

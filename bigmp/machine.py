@@ -7,6 +7,7 @@ RUNNING, fail fast once STOPPED, and calls in flight when a machine stops raise 
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import logging
 import threading
@@ -32,6 +33,9 @@ class State(enum.IntEnum):
     STOPPED = 3
 
 
+_methods: Dict[str, tuple] = {}   # "Service.method" -> (service, method), parsed once
+
+
 def _split(method: str):
     service, dot, name = method.partition(".")
     if not dot or not service or not name:
@@ -52,7 +56,7 @@ class Machine:
         self._state = State.UNSTARTED
         self._err: Optional[BaseException] = None
         self._cond = threading.Condition()
-        self._idle: list = []
+        self._idle: collections.deque = collections.deque()
         self._active: set = set()
         self._pool_lock = threading.Lock()
         self.launch = None          # the System's Launch (owned machines)
@@ -123,44 +127,67 @@ class Machine:
 
     def _dial(self, timeout: Optional[float] = None) -> connection.BigConnection:
         opts = self._b.options
-        conn = connection.Client(self.addr, authkey=self._b.authkey,
-                                 timeout=opts["connect_timeout"] if timeout is None else timeout)
+        timeout = opts["connect_timeout"] if timeout is None else timeout
+        conn = connection.Client(self.addr, authkey=self._b.authkey, timeout=timeout)
         conn.max_frame = opts["max_frame"]
         try:
-            _mpm.dispatch(conn, None, "accept_bigmp", (f"driver->{self.name}",
-                                                      {"stream": True, "oob": True}))
+            # As _mpm.dispatch, with a deadline: a machine that hangs right after the
+            # handshake must not hang its caller (the keepalive, above all).
+            conn.send((None, "accept_bigmp", (f"driver->{self.name}",
+                                              {"stream": True, "oob": True}), {}))
+            if not conn.poll(timeout):
+                raise TimeoutError(f"{self.name} did not accept the connection within "
+                                   f"{timeout:g} s")
+            kind, result = conn.recv()
+            if kind != "#RETURN":
+                raise _mpm.convert_to_error(kind, result)
             conn.enable_oob()
         except BaseException:
             conn.close()
             raise
         return conn
 
-    def _acquire(self) -> connection.BigConnection:
-        with self._pool_lock:
-            conn = self._idle.pop() if self._idle else None
+    # The pool needs no lock: deque.pop/append and set.add/discard are atomic, and a
+    # connection taken while the machine stops is caught by the state check after it.
+
+    def _acquire(self, deadline: Optional[float] = None) -> connection.BigConnection:
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = None
         if conn is None:
-            conn = self._dial()
-        with self._pool_lock:
-            self._active.add(conn)
-        if self._state == State.STOPPED:
+            timeout = None
+            if deadline is not None:   # a call's timeout bounds its dial too (a hung machine)
+                timeout = min(self._b.options["connect_timeout"],
+                              max(0.001, deadline - time.monotonic()))
+            conn = self._dial(timeout)
+        self._active.add(conn)
+        if self._state is State.STOPPED:
             self._release(conn, False)
             raise self._stopped_error()
         return conn
 
     def _release(self, conn, reusable: bool) -> None:
-        with self._pool_lock:
-            self._active.discard(conn)
-            if reusable and self._state != State.STOPPED and len(self._idle) < 64:
-                self._idle.append(conn)
+        self._active.discard(conn)
+        if reusable and self._state is not State.STOPPED and len(self._idle) < 64:
+            self._idle.append(conn)
+            if self._state is not State.STOPPED:
                 return
+            self._close_idle()   # stopped meanwhile: _close_connections may have missed it
+            return
         conn.close()
+
+    def _close_idle(self) -> None:
+        while True:
+            try:
+                self._idle.pop().close()
+            except IndexError:
+                return
 
     def _close_connections(self) -> None:
         with self._pool_lock:
-            idle, self._idle = self._idle, []
             active = list(self._active)
-        for conn in idle:
-            conn.close()
+        self._close_idle()
         for conn in active:
             conn.shutdown()   # wakes the caller blocked on it; it closes the fd itself
 
@@ -207,19 +234,31 @@ class Machine:
         file or :class:`bigmp.stream` argument is streamed to the machine. ``timeout``
         bounds the whole call (TimeoutError); a STOPPED machine raises MachineStopped.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if timeout is None:
+            if self._state is not State.RUNNING:
+                self._wait_running(None)
+            return self._invoke(method, args, kwargs, None)
+        deadline = time.monotonic() + timeout
         self._wait_running(deadline)
-        return self._invoke(method, *args, _deadline=deadline, **kwargs)
+        return self._invoke(method, args, kwargs, deadline)
 
-    def _invoke(self, method: str, *args: Any, _deadline: Optional[float] = None,
-                **kwargs: Any) -> Any:
+    def _invoke(self, method: str, args: tuple, kwargs: dict,
+                _deadline: Optional[float] = None) -> Any:
         """The call itself, whatever the state (bring-up uses it while STARTING)."""
-        service, name = _split(method)
+        try:
+            service, name = _methods[method]
+        except KeyError:
+            service, name = _split(method)
+            if len(_methods) < 10000:
+                _methods[method] = (service, name)
         deadline = _deadline
         args, kwargs, sources = streams.split_stream_args(args, kwargs)
         try:
-            conn = self._acquire()
+            conn = self._acquire(deadline)
         except (OSError, EOFError) as exc:
+            if isinstance(exc, TimeoutError) and deadline is not None:
+                raise TimeoutError(f"{method} on {self.name}: no connection within the "
+                                   "call's timeout") from exc
             raise self._lost(exc, method) from None
         sender = None
         stats = self._b.stats   # bigmp.stats: per-method statistics
