@@ -36,6 +36,7 @@ sys.path.insert(0, HERE)
 
 import _baselines as bl  # noqa: E402
 import bigmp  # noqa: E402
+from _ssh_case import case_ssh  # noqa: E402
 from bigmp import State  # noqa: E402
 
 FULL = dict(calls=5000, conns=5, bulk=100 << 20, async_calls=10_000, repeat=5)
@@ -422,7 +423,8 @@ def main(argv=None):
              ("2 new connection", lambda: case_new_connection(cfg, cpu, allcpus)),
              ("3 bulk echo", lambda: case_bulk(cfg)),
              ("4 machine start", lambda: case_start(cfg)),
-             ("5 async calls", lambda: case_async(cfg))]
+             ("5 async calls", lambda: case_async(cfg)),
+             ("7 ssh", lambda: case_ssh(cfg, row, start_machines, per_call, bl.Echo))]
     t_all = now()
     only = {c.strip() for c in args.only.split(",") if c.strip()}
     for name, fn in cases:

@@ -24,8 +24,18 @@ from .machine import Machine, ServiceProxy, State
 from .cluster import B, start
 from .managers import BigAutoProxy, BigManager, BigProxy, BigSyncManager
 from .streams import stream
-from .pool import BrokenPool, Pool
-from .executor import Executor
+
+_LAZY = {"Pool": ".pool", "BrokenPool": ".pool", "Executor": ".executor"}
+
+
+def __getattr__(name: str):
+    # Pool and Executor load on first use: machines start faster without them.
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bigmp' has no attribute {name!r}")
 
 __all__ = [
     "__version__", "start", "B", "Machine", "State", "ServiceProxy", "stream",

@@ -6,7 +6,6 @@ RUNNING, fail fast once STOPPED, and calls in flight when a machine stops raise 
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import enum
 import logging
@@ -304,6 +303,7 @@ class Machine:
     async def acall(self, method: str, *args: Any, timeout: Optional[float] = None,
                     **kwargs: Any) -> Any:
         """Like :meth:`call`, for asyncio: ``await m.acall("PI.sample", n)``."""
+        import asyncio
         return await asyncio.wrap_future(self.call_async(method, *args, timeout=timeout, **kwargs))
 
     def retry_call(self, method: str, *args: Any, deadline: float = 60.0,

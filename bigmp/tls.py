@@ -23,21 +23,22 @@ import tempfile
 import threading
 from typing import Dict, Optional
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+# cryptography is needed by the driver only (to make the CA and issue certificates);
+# machines load what they receive with the ssl module, so they import it lazily.
 
 __all__ = ["SessionCA", "Credentials", "register", "client_context", "server_context",
            "is_tls_address"]
 
 
 def _pem_key(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
-def _name(cn: str) -> x509.Name:
+def _name(cn: str):
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
@@ -82,6 +83,9 @@ class SessionCA:
     """The driver's certificate authority for one session (its key stays in memory here)."""
 
     def __init__(self, name: str = "bigmp session"):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
         self._key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         self._subject = _name(name)
@@ -97,6 +101,9 @@ class SessionCA:
 
     def issue(self, cn: str) -> Credentials:
         """A leaf certificate for ``cn`` (usable as TLS server and client)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         cert = (x509.CertificateBuilder()
