@@ -76,6 +76,11 @@ def handshake_server(conn: _mpc.Connection, authkey: bytes, timeout: Optional[fl
         settimeout(None)
 
 
+class HandshakeInterrupted(AuthenticationError, ConnectionResetError):
+    """The server hung up during the handshake: also a ConnectionError, so a caller treats
+    it as a lost connection (the machine died or gave up), not only as a refused key."""
+
+
 def handshake_client(conn: _mpc.Connection, authkey: bytes, timeout: Optional[float] = None) -> None:
     """Client side of the stdlib HMAC challenge, with a deadline on each step."""
     t = config.handshake_timeout() if timeout is None else timeout
@@ -87,8 +92,13 @@ def handshake_client(conn: _mpc.Connection, authkey: bytes, timeout: Optional[fl
         _mpc.answer_challenge(d, authkey)
         _mpc.deliver_challenge(d, authkey)
     except EOFError as exc:
-        raise AuthenticationError(
+        # A wrong key is answered with a rejection; EOF means the server went away.
+        raise HandshakeInterrupted(
             "server closed the connection during authentication (wrong authkey?)") from exc
+    except AssertionError as exc:
+        # Python < 3.12 asserts that the server's first message is a challenge.
+        raise AuthenticationError("the server did not send an authentication challenge "
+                                  "(not a bigmp machine?)") from exc
     if settimeout is not None:
         settimeout(None)
 

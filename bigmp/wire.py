@@ -303,7 +303,6 @@ class BigConnection(_mpc.Connection):
     def _take(self, n: int):
         """The next ``n`` bytes: a view into the read-ahead buffer when they fit (valid
         until the next read), else a buffer of their own filled straight from the socket."""
-        have = self._rend - self._rpos
         if n <= _READ_AHEAD:
             self._fill(n)
             start = self._rpos
@@ -312,16 +311,23 @@ class BigConnection(_mpc.Connection):
                 self._rpos = self._rend = 0
             return self._rview[start:start + n]
         out = bytearray(n)
-        view = memoryview(out)
-        view[:have] = self._rview[self._rpos:self._rend]
-        self._rpos = self._rend = 0
+        self._fill_view(memoryview(out))
+        return out
+
+    def _fill_view(self, view: memoryview) -> None:
+        """Fill ``view``: first from the read-ahead buffer, then straight from the socket."""
+        n = len(view)
+        have = min(n, self._rend - self._rpos)
+        view[:have] = self._rview[self._rpos:self._rpos + have]
+        self._rpos += have
+        if self._rpos == self._rend:
+            self._rpos = self._rend = 0
         pos = have
         while pos < n:
             got = self._read_into(view[pos:])
             if got == 0:
                 raise OSError("got end of file during message")
             pos += got
-        return out
 
     def _frame_size(self) -> int:
         self._fill(4)
@@ -373,17 +379,7 @@ class BigConnection(_mpc.Connection):
         else:
             obj = bytearray(n)
             view = memoryview(obj)
-        have = min(n, self._rend - self._rpos)
-        view[:have] = self._rview[self._rpos:self._rpos + have]
-        self._rpos += have
-        if self._rpos == self._rend:
-            self._rpos = self._rend = 0
-        pos = have
-        while pos < n:
-            got = self._read_into(view[pos:])
-            if got == 0:
-                raise OSError("got end of file during message")
-            pos += got
+        self._fill_view(view)
         view.release()
         return obj
 

@@ -238,11 +238,10 @@ class SSHLaunch(Launch):
                     if data:
                         os.write(out, data)
                     progressed = True
-                if chan.exit_status_ready() and not chan.recv_ready() \
-                        and not chan.recv_stderr_ready():
-                    break
-                if chan.closed or (chan.eof_received and not progressed
-                                   and not chan.recv_ready() and not chan.recv_stderr_ready()):
+                drained = not chan.recv_ready() and not chan.recv_stderr_ready()
+                # EOF comes after the last byte of output (exit-status may come before it:
+                # sshd reports the exit as soon as the process ends, pipes not yet read).
+                if drained and (chan.closed or chan.eof_received):
                     break
                 if not progressed:
                     import select

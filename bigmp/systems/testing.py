@@ -147,15 +147,31 @@ class _Pair:
         if self.closed:
             return
         if mask & selectors.EVENT_READ:
-            d = self.up if side == "client" else self.down
-            try:
-                data: Optional[bytes] = self.sock(side).recv(_CHUNK) or None   # None: EOF
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:   # reset by the peer: an end of stream like any other
-                d.push(None, time.monotonic())
+            if side == "client":
+                d, src, dst = self.up, self.client, self.upstream
             else:
-                d.push(data, time.monotonic())
+                d, src, dst = self.down, self.upstream, self.client
+            try:
+                data: Optional[bytes] = src.recv(_CHUNK) or None   # None: EOF
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:   # reset by the peer: an end of stream like any other
+                data = None
+            relay = self.relay
+            if data is not None and dst is not None and not d.out and not d.pending \
+                    and relay.delay <= 0 and not relay.partitioned:
+                # The common case, kept short: nothing queued, so write it through now.
+                try:
+                    n = dst.send(data)
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError:
+                    self.close()
+                    return
+                if n == len(data):
+                    return
+                data = data[n:]
+            d.push(data, time.monotonic())
         self.pump()
 
     def pump(self) -> None:
@@ -231,8 +247,6 @@ class _Relay:
         self.delay = 0.0
         self.partitioned = False
         self.pairs: set = set()
-        self.listening = True
-        self.nconnections = 0          # connections accepted so far
         self.path = unix_address()     # a fresh 0700 directory
         self._dir = os.path.dirname(self.path)
         sock = socket.socket(socket.AF_UNIX)
@@ -256,7 +270,6 @@ class _Relay:
                 log.debug("relay %s: accept failed: %r", self.name, exc)
                 return
             client.setblocking(False)
-            self.nconnections += 1
             pair = _Pair(self, client, None)
             self.pairs.add(pair)
             # In a partition a new connection is held, unanswered, until heal().
@@ -303,7 +316,6 @@ class _Relay:
     def shut(self) -> None:
         """Stop accepting and remove the socket file (existing connections carry on)."""
         sock, self.listener = self.listener, None
-        self.listening = False
         if sock is not None:
             try:
                 self.hub.sel.unregister(sock)
@@ -320,7 +332,8 @@ class _Relay:
         """Listen again at the same path, now forwarding to ``target`` (a replacement)."""
         self.shut()
         self.target = target
-        os.mkdir(self._dir, 0o700)
+        os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        os.chmod(self._dir, 0o700)
         sock = socket.socket(socket.AF_UNIX)
         old = os.umask(0o177)
         try:
@@ -330,7 +343,6 @@ class _Relay:
         sock.listen(1024)
         sock.setblocking(False)
         self.listener = sock
-        self.listening = True
         self.hub.sel.register(sock, selectors.EVENT_READ, (self, "listener"))
 
     def close(self) -> None:
@@ -415,7 +427,7 @@ class _Hub:
     def _run(self) -> None:
         while True:
             timeout = None
-            now = time.monotonic()
+            now = time.monotonic() if self.delayed else 0.0
             for d in list(self.delayed):
                 if d.pair.closed:
                     self.delayed.discard(d)
@@ -429,8 +441,10 @@ class _Hub:
                     continue
                 wait = max(0.0, due - now)
                 timeout = wait if timeout is None else min(timeout, wait)
+            woken = False
             for key, mask in self.sel.select(timeout):
                 if key.data is None:
+                    woken = True
                     try:
                         while self._wake_r.recv(4096):
                             pass
@@ -444,7 +458,7 @@ class _Hub:
                     log.exception("testing relay %s failed", getattr(obj, "name", obj))
                     if isinstance(obj, _Pair):
                         obj.close()
-            while True:
+            while woken:   # every task comes with a wake byte
                 with self._lock:
                     task = self._tasks.popleft() if self._tasks else None
                     if task is None and self._closed:
@@ -561,14 +575,22 @@ class TestingSystem(LocalSystem):
     def wait_for(self, n: int, timeout: Optional[float] = None) -> list:
         """Wait until at least ``n`` machines are RUNNING; return the RUNNING machines.
 
-        Raises TimeoutError after ``timeout`` seconds (default: the ``start_timeout`` option).
+        Raises TimeoutError after ``timeout`` seconds (default: the ``start_timeout`` option),
+        and RuntimeError at once when too few machines are left that could still get there.
         """
+        from ..machine import State
         timeout = self.options.get("start_timeout", 60.0) if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
             running = self.machines()
             if len(running) >= n:
                 return running
+            alive = [m for m in self._session_machines() if m.state < State.STOPPED]
+            if len(alive) < n:
+                stopped = [f"{m.name}: {m.err}" for m in self._session_machines()
+                           if m.state == State.STOPPED]
+                raise RuntimeError(f"{n} machines cannot be RUNNING: only {len(alive)} are "
+                                   "starting or running; stopped: " + "; ".join(stopped))
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{len(running)} of {n} machines RUNNING after {timeout:g} s")
             time.sleep(0.01)
@@ -576,23 +598,24 @@ class TestingSystem(LocalSystem):
     # -- faults ---------------------------------------------------------------------------
 
     def _launch(self, m: Any) -> Launch:
-        launch = getattr(m, "launch", None)
-        if launch is None or getattr(m, "_b", None) is not self.session:
+        """``m``'s launch, once ``m`` is RUNNING (a fault on a STARTING machine waits)."""
+        from ..machine import State
+        if getattr(m, "_b", None) is not self.session or self.session is None:
             raise ValueError(f"{m!r} is not a started machine of this testing session")
-        return launch
-
-    def _relay(self, m: Any) -> _Relay:
-        launch = self._launch(m)
-        relay = getattr(launch, "relay", None)
-        if relay is None:
-            from ..machine import State
+        if m.state < State.RUNNING:
             try:
                 m.wait(State.RUNNING, timeout=self.options.get("start_timeout", 60.0))
             except TimeoutError:
                 pass
-            relay = getattr(launch, "relay", None)
+        launch = getattr(m, "launch", None)
+        if launch is None or m.state < State.RUNNING:
+            raise ValueError(f"{m.name} never started ({m.state.name}: {m.err})")
+        return launch
+
+    def _relay(self, m: Any) -> _Relay:
+        relay = getattr(self._launch(m), "relay", None)
         if relay is None:
-            raise ValueError(f"{m.name} has no relay (it never finished starting)")
+            raise ValueError(f"{m.name} has no relay")
         return relay
 
     def _post(self, fn: Callable[[], Any]) -> None:
@@ -647,10 +670,12 @@ class TestingSystem(LocalSystem):
         marks it STOPPED (and kills it) after ``keepalive_timeout``; :meth:`resume` first
         to let it carry on.
         """
-        pid = self._launch(m).pid
+        launch = self._launch(m)
+        pid = launch.pid
         if not self._signal(pid, signal.SIGSTOP):
             raise ValueError(f"{m.name} has exited")
         self._hung.add(pid)
+        launch.on_exit(lambda code: self._hung.discard(pid))   # its pid may be reused
         self._wait_status(pid, lambda s: s == psutil.STATUS_STOPPED, "stop")
 
     def resume(self, m: Any) -> None:
