@@ -62,6 +62,8 @@ class Machine:
         self.keepalive = None       # keepalive.Keeper (owned machines)
         self.output = None          # output stream record (owned machines)
         self._shutting_down = False
+        self._mux = None            # mux.MuxChannel for call_async, made on first use
+        self._mux_dialing = False
 
     def __repr__(self) -> str:
         return f"<Machine {self.name} {self._state.name} addr={self.addr!r}>"
@@ -124,16 +126,18 @@ class Machine:
 
     # -- connections ----------------------------------------------------------------------
 
-    def _dial(self, timeout: Optional[float] = None) -> connection.BigConnection:
+    def _dial(self, timeout: Optional[float] = None,
+              accept: str = "accept_bigmp") -> connection.BigConnection:
         opts = self._b.options
         timeout = opts["connect_timeout"] if timeout is None else timeout
         conn = connection.Client(self.addr, authkey=self._b.authkey, timeout=timeout)
         conn.max_frame = opts["max_frame"]
+        args = (f"driver->{self.name}", {"stream": True, "oob": True}) \
+            if accept == "accept_bigmp" else (f"driver->{self.name} (async)",)
         try:
             # As _mpm.dispatch, with a deadline: a machine that hangs right after the
             # handshake must not hang its caller (the keepalive, above all).
-            conn.send((None, "accept_bigmp", (f"driver->{self.name}",
-                                              {"stream": True, "oob": True}), {}))
+            conn.send((None, accept, args, {}))
             if not conn.poll(timeout):
                 raise TimeoutError(f"{self.name} did not accept the connection within "
                                    f"{timeout:g} s")
@@ -186,6 +190,9 @@ class Machine:
     def _close_connections(self) -> None:
         with self._pool_lock:
             active = list(self._active)
+            mux, self._mux = self._mux, None
+        if mux is not None:
+            mux.shutdown()   # its reader fails every call in flight
         self._close_idle()
         for conn in active:
             conn.shutdown()   # wakes the caller blocked on it; it closes the fd itself
@@ -297,8 +304,62 @@ class Machine:
 
     def call_async(self, method: str, *args: Any, timeout: Optional[float] = None,
                    **kwargs: Any) -> "Future[Any]":
-        """Like :meth:`call`, returning a :class:`concurrent.futures.Future`."""
-        return self._b._executor().submit(self.call, method, *args, timeout=timeout, **kwargs)
+        """Like :meth:`call`, returning a :class:`concurrent.futures.Future`.
+
+        On a RUNNING machine the call goes out at once on a connection that carries many
+        calls in flight (:mod:`bigmp.mux`); streamed arguments, a ``timeout``, or a machine
+        not yet RUNNING use a thread of the session instead.
+        """
+        if timeout is None and self._state is State.RUNNING:
+            _, _, sources = streams.split_stream_args(args, kwargs)
+            if not sources:
+                channel = self._mux_channel()
+                if channel is not None:
+                    try:
+                        service, name = _methods[method]
+                    except KeyError:
+                        service, name = _split(method)
+                    return channel.submit(service, name, args, kwargs)
+        return self._b._executor().submit(self._call_unstreamed, method, args, kwargs, timeout)
+
+    def _call_unstreamed(self, method: str, args: tuple, kwargs: dict,
+                         timeout: Optional[float]) -> Any:
+        # call_async gives no streamed results, whichever path it takes (see mux.py).
+        result = self.call(method, *args, timeout=timeout, **kwargs)
+        if isinstance(result, StreamReply):
+            result.close()
+            raise TypeError(f"{method} returned a generator: streamed results need call(), "
+                            "not call_async()")
+        return result
+
+    def _mux_channel(self):
+        """The mux channel if it is up; else start making it (in the background: dialing a
+        hung machine must not block ``call_async``) and return None for now."""
+        channel = self._mux
+        if channel is not None and channel.dead is None:
+            return channel
+        with self._pool_lock:
+            if self._mux_dialing or self._state is not State.RUNNING:
+                return None
+            self._mux_dialing = True
+        threading.Thread(target=self._dial_mux, daemon=True,
+                         name=f"bigmp-mux-dial-{self.name}").start()
+        return None
+
+    def _dial_mux(self) -> None:
+        from .mux import MuxChannel
+        try:
+            conn = self._dial(accept="accept_mux")
+            channel = MuxChannel(self, conn)
+            with self._pool_lock:
+                if self._state is State.STOPPED:
+                    channel.shutdown()
+                else:
+                    self._mux = channel
+        except Exception as exc:
+            log.debug("no mux channel to %s: %r", self.name, exc)
+        finally:
+            self._mux_dialing = False
 
     async def acall(self, method: str, *args: Any, timeout: Optional[float] = None,
                     **kwargs: Any) -> Any:

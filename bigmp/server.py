@@ -78,7 +78,7 @@ _mpm.listener_client.setdefault("bigmp-xmlrpclib", (_XmlListener, _XmlClient))
 class BigServer(_mpm.Server):
     """A manager server that is also a bigmp machine's RPC endpoint."""
 
-    public = list(_mpm.Server.public) + ["accept_bigmp"]
+    public = list(_mpm.Server.public) + ["accept_bigmp", "accept_mux"]
 
     def __init__(self, registry: Dict[str, tuple], address: Any, authkey: bytes,
                  serializer: str = "bigmp", name: Optional[str] = None):
@@ -187,6 +187,15 @@ class BigServer(_mpm.Server):
         if caps.get("oob") and hasattr(c, "enable_oob"):
             c.enable_oob()
         self.serve_client(c, streaming=bool(caps.get("stream")))
+
+    def accept_mux(self, c, name: str):
+        """A connection that carries many tagged calls at once (see :mod:`bigmp.mux`)."""
+        threading.current_thread().name = name
+        c.send(("#RETURN", None))
+        if hasattr(c, "enable_oob"):
+            c.enable_oob()
+        from . import mux
+        mux.serve(self, c)
 
     def accept_connection(self, c, name):
         threading.current_thread().name = name

@@ -388,6 +388,26 @@ class BigConnection(_mpc.Connection):
             return True   # read ahead already: the fd would not say so
         return super()._poll(timeout)
 
+    def read_some(self) -> None:
+        """One read into the read-ahead buffer (call when the fd is readable)."""
+        have = self._rend - self._rpos
+        if self._rend == len(self._rbuf):
+            self._rbuf[:have] = self._rbuf[self._rpos:self._rend]
+            self._rpos, self._rend = 0, have
+        got = self._read_into(self._rview[self._rend:])
+        if got == 0:
+            raise EOFError
+        self._rend += got
+
+    def frame_ready(self) -> bool:
+        """Can :meth:`recv` return without reading more? (True also for frames too big for
+        the buffer: recv then reads them itself.)"""
+        have = self._rend - self._rpos
+        if have < 4:
+            return False
+        size, = _HDR.unpack_from(self._rbuf, self._rpos)
+        return size < 0 or size > _READ_AHEAD - 4 or have >= 4 + size
+
     def shutdown(self) -> None:
         """Wake any thread blocked on this connection (it sees EOF) without closing the fd."""
         try:

@@ -12,6 +12,9 @@ class Echo:
     def echo(self, x):
         return x
 
+    def noop(self):
+        return None
+
     def add(self, a, b=0):
         return a + b
 

@@ -123,3 +123,26 @@ def test_retry_call_succeeds_once_the_machine_is_back(session, tmp_path):
 def test_bad_method_name_is_named(machine):
     with pytest.raises(ValueError, match="Service.method"):
         machine.call("nodot")
+
+
+def test_many_async_calls_in_flight(session):
+    machines = session.start(2, services={"Echo": Echo()})
+    futures = [machines[i % 2].call_async("Echo.add", i, 1) for i in range(3000)]
+    assert [f.result(timeout=60) for f in futures] == [i + 1 for i in range(3000)]
+
+
+def test_call_async_of_a_streaming_method_says_to_use_call(machine):
+    # The same answer before the multiplexed channel is up and after.
+    with pytest.raises(TypeError, match="call_async"):
+        machine.call_async("Echo.count", 3).result(timeout=30)
+    futures = [machine.call_async("Echo.echo", i) for i in range(50)]
+    assert [f.result(timeout=30) for f in futures] == list(range(50))
+    with pytest.raises(TypeError, match="call_async"):
+        machine.call_async("Echo.count", 3).result(timeout=30)
+    assert list(machine.call("Echo.count", 3)) == [0, 1, 2]
+
+
+def test_call_async_with_a_streamed_argument(machine):
+    def numbers():
+        yield from range(100)
+    assert machine.call_async("Echo.total", numbers()).result(timeout=30) == sum(range(100))
