@@ -188,8 +188,40 @@ class _Reader:
                     ch._fail(exc)
 
 
+class _Writer:
+    """One thread writes the queued requests of every mux channel of the process."""
+
+    def __init__(self):
+        import collections
+        self.cond = threading.Condition()
+        self.ready: "collections.deque" = collections.deque()
+        threading.Thread(target=self._run, daemon=True, name="bigmp-mux-writer").start()
+
+    def schedule(self, channel: "MuxChannel") -> None:
+        with self.cond:
+            self.ready.append(channel)
+            self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.ready:
+                    self.cond.wait()
+                channel = self.ready.popleft()
+            channel.flush()
+
+
 _reader: Optional[_Reader] = None
+_writer: Optional[_Writer] = None
 _reader_lock = threading.Lock()
+
+
+def _the_writer() -> _Writer:
+    global _writer
+    with _reader_lock:
+        if _writer is None:
+            _writer = _Writer()
+        return _writer
 
 
 def _the_reader() -> _Reader:
@@ -201,8 +233,8 @@ def _the_reader() -> _Reader:
 
 
 def _after_fork() -> None:
-    global _reader, _reader_lock
-    _reader = None
+    global _reader, _writer, _reader_lock
+    _reader = _writer = None
     _reader_lock = threading.Lock()
 
 
@@ -219,7 +251,22 @@ class MuxChannel:
         self.ids = itertools.count()
         self.send_lock = threading.Lock()
         self.dead: Optional[BaseException] = None
+        self.out: list = []          # encoded frames waiting for the writer thread
+        self.out_size = 0
+        self.scheduled = False
         _the_reader().add(self)
+
+    def flush(self) -> None:
+        """Write what is queued (in the writer thread)."""
+        with self.send_lock:
+            parts, size = self.out, self.out_size
+            self.out, self.out_size, self.scheduled = [], 0, False
+        if not parts:
+            return
+        try:
+            self.conn.send_encoded(parts, size)
+        except BaseException as exc:
+            self._fail(exc)
 
     def submit(self, service: str, name: str, args: tuple, kwargs: dict) -> "Future[Any]":
         fut: Future = Future()
@@ -232,9 +279,15 @@ class MuxChannel:
             with self.send_lock:
                 if self.dead is not None:
                     raise self.dead
-                sent = conn.nsent
-                conn.send((call_id, service, name, args, kwargs))
-                entry[4] = conn.nsent - sent
+                parts, entry[4] = conn.encode((call_id, service, name, args, kwargs))
+                self.out.extend(parts)
+                self.out_size += entry[4]
+                schedule = not self.scheduled
+                self.scheduled = True
+            if schedule:
+                # The writes happen in the writer thread, many frames per writev: the
+                # caller pays for pickling, not for a system call and a GIL hand-off.
+                _the_writer().schedule(self)
         except BaseException as exc:
             self.pending.pop(call_id, None)
             if isinstance(exc, (EOFError, OSError)) and not isinstance(exc, TimeoutError):

@@ -262,6 +262,31 @@ class BigConnection(_mpc.Connection):
             if isinstance(payload, memoryview):
                 payload.release()
 
+    def encode(self, obj: Any) -> tuple:
+        """(the buffers of ``obj``'s frame, its payload size), to send later with
+        :meth:`send_encoded` (the caller serialises calls to encode)."""
+        payload, buffers = self._pickle(obj)
+        try:
+            size = len(payload) + sum(b.nbytes for b in buffers)
+            if size > self._limit():
+                raise self._too_large(size, True)
+            if buffers:
+                head = [_HDR.pack(_OOB_MARK), struct.pack("!I", len(buffers) + 1),
+                        _Q.pack(len(payload))] + \
+                    [_Q.pack(b.nbytes | (_IS_BYTES if type(b.obj) is bytes else 0))
+                     for b in buffers]
+                return [b"".join(head), bytes(payload)] + buffers, size
+            return [_HDR.pack(len(payload)) + bytes(payload)], size
+        finally:
+            if isinstance(payload, memoryview):
+                payload.release()
+
+    def send_encoded(self, parts: List[Any], size: int) -> None:
+        """Write frames made by :meth:`encode` (one ``writev`` for all of them)."""
+        self._check_closed()
+        self.nsent += size
+        self._sendv(parts)
+
     def _sendv(self, parts: List[Any]) -> None:
         views = [memoryview(p).cast("B") for p in parts]
         fd = self._handle
