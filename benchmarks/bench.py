@@ -36,11 +36,12 @@ sys.path.insert(0, HERE)
 
 import _baselines as bl  # noqa: E402
 import bigmp  # noqa: E402
+from _pool_case import case_pool  # noqa: E402
 from _ssh_case import case_ssh  # noqa: E402
 from bigmp import State  # noqa: E402
 
-FULL = dict(calls=5000, conns=5, bulk=100 << 20, async_calls=10_000, repeat=5)
-QUICK = dict(calls=200, conns=2, bulk=1 << 20, async_calls=200, repeat=1)
+FULL = dict(calls=5000, conns=5, bulk=100 << 20, async_calls=10_000, pool_tasks=2000, repeat=5)
+QUICK = dict(calls=200, conns=2, bulk=1 << 20, async_calls=200, pool_tasks=50, repeat=1)
 THREADS = (8, 16, 32)      # stdlib thread pool sizes tried in case 5 (best one is the baseline)
 
 ROWS: list = []
@@ -424,7 +425,8 @@ def main(argv=None):
              ("3 bulk echo", lambda: case_bulk(cfg)),
              ("4 machine start", lambda: case_start(cfg)),
              ("5 async calls", lambda: case_async(cfg)),
-             ("7 ssh", lambda: case_ssh(cfg, row, start_machines, per_call, bl.Echo))]
+             ("7 ssh", lambda: case_ssh(cfg, row, start_machines, per_call, bl.Echo)),
+             ("8 pool", lambda: case_pool(cfg, row))]
     t_all = now()
     only = {c.strip() for c in args.only.split(",") if c.strip()}
     for name, fn in cases:
