@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 __all__ = ["OPTIONS", "resolve", "add_arguments", "options_from_args"]
 
@@ -45,7 +45,7 @@ def _list(text: str) -> List[str]:
 
 
 OPTIONS: Dict[str, Option] = {o.name: o for o in [
-    Option("system", str, "local", "backend that starts machines: local (more to come)"),
+    Option("system", str, "local", "backend that starts machines: local, ssh or testing"),
     Option("local_mode", str, "fork", "local machines: fork (from a fork server) or spawn (fresh interpreter)"),
     Option("python", str, sys.executable, "interpreter for spawned machines"),
     Option("keepalive_lease", float, 30.0, "a machine exits when the driver has not renewed its lease for this many seconds"),
@@ -113,7 +113,7 @@ def get(name: str) -> Any:
     opt = OPTIONS[name]
     raw = os.environ.get(opt.env)
     cached = _parsed.get(name)
-    if cached is not None and cached[0] is raw:   # hot path: parse each env value once
+    if cached is not None and cached[0] == raw:   # hot path: parse each env value once
         return cached[1]
     value = _from_env(opt)
     _parsed[name] = (raw, value)

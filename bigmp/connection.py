@@ -14,15 +14,12 @@ payload) so a stdlib peer can still talk to us, but:
 """
 from __future__ import annotations
 
-import io
 import os
-import pickle
 import socket
-import struct
 import tempfile
 import time
 from multiprocessing import AuthenticationError, connection as _mpc
-from typing import Any, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 from . import config, tls
 from .wire import BigConnection, FrameTooLarge, TLSConnection, dumps, loads  # noqa: F401
@@ -239,7 +236,7 @@ def Client(address: Address, family: Optional[str] = None, authkey: Optional[byt
     conn = TLSConnection(s) if use_tls else BigConnection(s.detach())
     if authkey is not None:
         try:
-            handshake_client(conn, authkey, t)
+            handshake_client(conn, authkey, timeout)   # None: the handshake_timeout option
         except BaseException:
             conn.close()
             raise

@@ -13,7 +13,7 @@ import threading
 import time
 from concurrent.futures import Future
 from multiprocessing import managers as _mpm
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 from . import connection, streams
 from .errors import MachineLost, MachineStopped
@@ -414,7 +414,7 @@ class StreamReply:
     """The iterator a streamed call returns; it owns its connection until the stream ends.
 
     Close it (or use it as a context manager) to abandon a stream early; one that is
-    dropped unread gives its connection back when it is garbage collected.
+    dropped unread closes its connection when it is garbage collected (nothing leaks).
     """
 
     def __init__(self, machine: Machine, conn, method: str,

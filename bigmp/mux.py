@@ -185,7 +185,7 @@ class _Reader:
                         self.sel.unregister(key.fd)
                     except (KeyError, ValueError):
                         pass
-                    ch._fail(exc)
+                    ch.fail_later(exc)
 
 
 class _Writer:
@@ -266,7 +266,7 @@ class MuxChannel:
         try:
             self.conn.send_encoded(parts, size)
         except BaseException as exc:
-            self._fail(exc)
+            self.fail_later(exc)
 
     def submit(self, service: str, name: str, args: tuple, kwargs: dict) -> "Future[Any]":
         fut: Future = Future()
@@ -309,6 +309,12 @@ class MuxChannel:
             entry[0].set_result(result)
         else:
             entry[0].set_exception(_mpm.convert_to_error(kind, result))
+
+    def fail_later(self, exc: BaseException) -> None:
+        """Fail this channel in a thread of its own: deciding whether the machine is lost
+        may take a probe, and the reader and writer threads serve every machine."""
+        threading.Thread(target=self._fail, args=(exc,), daemon=True,
+                         name=f"bigmp-mux-fail-{self.machine.name}").start()
 
     def _fail(self, exc: BaseException) -> None:
         with self.send_lock:

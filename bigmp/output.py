@@ -3,7 +3,7 @@
 Machines send their fds 1 and 2 (so subprocesses and C code are captured too) down one
 pipe or channel per machine. One forwarder thread on the driver reads every machine's
 stream with a selector, so 100 machines cost one thread. A stream's EOF means the machine
-has flushed everything it will ever print; :meth:`Forwarder.wait_drained` waits for it.
+has flushed everything it will ever print; each stream's ``drained`` event says so.
 """
 from __future__ import annotations
 

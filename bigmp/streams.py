@@ -1,7 +1,7 @@
 """Streaming over one connection: generators back to the caller, iterators and files to the callee.
 
-Frames after a request or a ``#STREAM`` reply are ``('#ITEM', x)`` ... then ``('#END', None)``
-or ``('#ERROR', exc)``. TCP's own flow control is the backpressure: a producer blocks in
+Frames after a request or a ``#STREAM`` reply are ``('#ITEM', x)`` ... then ``('#END', None)``,
+or ``('#ERROR', exc)`` (a reply) / ``('#ABORT', exc)`` (an argument whose iterator raised). TCP's own flow control is the backpressure: a producer blocks in
 ``send`` once the consumer stops reading.
 """
 from __future__ import annotations
@@ -107,6 +107,7 @@ class _Demux:
         self.current = 0
         self.buffers: List[list] = [[] for _ in range(count)]
         self.done = [False] * count
+        self.errors: List[Optional[BaseException]] = [None] * count   # from #ABORT
 
     def _frame(self):
         kind, value = self.conn.recv()
@@ -122,13 +123,19 @@ class _Demux:
             if self.buffers[k]:
                 return self.buffers[k].pop(0)
             if self.done[k]:
+                error, self.errors[k] = self.errors[k], None
+                if error is not None:
+                    raise error   # the caller's iterator failed after what was buffered
                 raise StopIteration
             i = self.current
             kind, value = self._frame()
             if i != k:
-                # An earlier stream is still on the wire: keep its items for later.
+                # An earlier stream is still on the wire: keep its items (and its end) for
+                # later.
                 if kind == "#ITEM":
                     self.buffers[i].append(value)
+                elif kind == "#ABORT":
+                    self.errors[i] = value
                 continue
             if kind == "#ITEM":
                 return value

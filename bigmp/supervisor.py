@@ -172,7 +172,7 @@ class Supervisor:
             # reply, and that must not be mistaken for the driver dying.
             if self.exit_reason is None:
                 self.exit_reason = reason
-        self._server.after_reply(lambda: self.exit(reason))
+        self._server.after_reply(lambda: self._exit(reason))
 
     # -- machine side ---------------------------------------------------------------------
 
@@ -184,7 +184,7 @@ class Supervisor:
             if self._driver_conns == 0:
                 self._grace_deadline = time.monotonic() + self._grace
 
-    def watch(self, lifeline_fd: Optional[int]) -> None:
+    def _watch(self, lifeline_fd: Optional[int]) -> None:
         """Start the watchdog threads (lease, driver connection, launcher channel)."""
         threading.Thread(target=self._watch_lease, name="bigmp-lease", daemon=True).start()
         if lifeline_fd is not None:
@@ -198,9 +198,9 @@ class Supervisor:
                 lapsed = now > self._deadline
                 orphaned = self._grace_deadline is not None and now > self._grace_deadline
             if lapsed:
-                self.exit(f"lease of {self._lease:g} s lapsed: the driver stopped renewing it")
+                self._exit(f"lease of {self._lease:g} s lapsed: the driver stopped renewing it")
             elif orphaned:
-                self.exit("the driver's connection closed and it did not come back "
+                self._exit("the driver's connection closed and it did not come back "
                           f"within {self._grace:g} s")
 
     def _watch_lifeline(self, fd: int) -> None:
@@ -209,9 +209,9 @@ class Supervisor:
                 pass
         except OSError:
             pass
-        self.exit("the launcher channel closed (the driver exited)")
+        self._exit("the launcher channel closed (the driver exited)")
 
-    def exit(self, reason: str) -> None:
+    def _exit(self, reason: str) -> None:
         """Stop serving; the worker's main thread flushes output and exits the process."""
         with self._lock:
             if self.exit_reason is None:

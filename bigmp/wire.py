@@ -276,6 +276,8 @@ class BigConnection(_mpc.Connection):
                     [_Q.pack(b.nbytes | (_IS_BYTES if type(b.obj) is bytes else 0))
                      for b in buffers]
                 return [b"".join(head), bytes(payload)] + buffers, size
+            if size > 0x7fffffff:
+                return [_HDR.pack(-1), _Q.pack(size), bytes(payload)], size
             return [_HDR.pack(len(payload)) + bytes(payload)], size
         finally:
             if isinstance(payload, memoryview):

@@ -112,7 +112,7 @@ def serve(config: Dict[str, Any], handshake_fd: int, lifeline_fd: Optional[int])
              "bigmp": __version__, "name": name}
     os.write(handshake_fd, (json.dumps(hello) + "\n").encode())
     os.close(handshake_fd)
-    supervisor.watch(lifeline_fd)
+    supervisor._watch(lifeline_fd)
     server.serve_until_stopped()
     reason = supervisor.exit_reason or "server stopped"
     server.stop()
@@ -135,9 +135,6 @@ def main() -> None:
             raise SystemExit("bigmp.worker: no launch configuration on stdin")
         config = pickle.loads(base64.b64decode(line))
         _apply_environment(config)
-        if config.get("log_level"):
-            logging.basicConfig(level=config["log_level"], stream=sys.stderr,
-                                format="%(levelname)s %(name)s: %(message)s")
         reason = serve(config, handshake_fd, 0)
         if not reason.startswith("shut down by"):
             print(f"bigmp: machine exiting: {reason}", file=sys.stderr)

@@ -21,7 +21,8 @@ __all__ = ["System", "Launch", "read_handshake", "encode_config"]
 class Launch(abc.ABC):
     """One launched worker process, as the driver sees it.
 
-    ``control`` is a writable fd (its close tells the worker the driver is gone),
+    ``control`` is a writable fd, or -1 where :meth:`close_control` is overridden (SSH);
+    closing it tells the worker the driver is gone.
     ``handshake`` and ``output`` readable fds. The driver owns and closes all three.
     """
 

@@ -112,3 +112,13 @@ def test_manager_proxy_call_before_reading_a_stream():
         assert e.echo(5) == 5          # its own connection: the stream still owns the first
         assert list(it) == [0, 1, 2]
         assert e.echo(6) == 6
+
+
+def test_failing_iterator_of_a_buffered_stream_still_raises(machine):
+    def broken():
+        yield 1
+        raise OSError("first stream broke")
+    # second_first reads the second stream first, so the first one is buffered whole.
+    with pytest.raises(OSError, match="first stream broke"):
+        machine.call("Echo.second_first", broken(), bigmp.stream([3, 4]))
+    assert machine.call("Echo.echo", "fine") == "fine"
