@@ -92,22 +92,28 @@ def _local_modules(skip: Iterable[str]) -> Dict[str, str]:
     return out
 
 
-def _build() -> Bundle:
+def _main_script() -> Optional[str]:
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file and main_file.endswith(".py"):
+        real = os.path.realpath(main_file)
+        if not _under(real, _system_dirs()) and "site-packages" not in real:
+            return real
+    return None
+
+
+def _build(local: Dict[str, str], main_path: Optional[str]) -> Bundle:
     entries: Dict[str, str] = {}
     for pkg in SHIPPED_PACKAGES:
         mod = sys.modules.get(pkg) or __import__(pkg)
         pkg_dir = os.path.dirname(os.path.realpath(mod.__file__))
         for path, arc in _package_files(pkg_dir, pkg):
             entries[arc] = path
-    for arc, path in _local_modules(SHIPPED_PACKAGES).items():
+    for arc, path in local.items():
         entries.setdefault(arc, path)
     main = None
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    if main_file and main_file.endswith(".py"):
-        real = os.path.realpath(main_file)
-        if not _under(real, _system_dirs()) and "site-packages" not in real:
-            main = f"{MAIN_DIR}/{os.path.basename(real)}"
-            entries[main] = real
+    if main_path:
+        main = f"{MAIN_DIR}/{os.path.basename(main_path)}"
+        entries[main] = main_path
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for arc in sorted(entries):
@@ -124,10 +130,13 @@ _lock = threading.Lock()
 
 
 def bundle() -> Bundle:
-    """The bundle for the program as it is now (rebuilt when new modules were imported)."""
+    """The bundle for the program as it is now (rebuilt when the driver has imported a
+    local module since the last one; other imports do not change it)."""
     global _cache
-    key = frozenset(sys.modules)
     with _lock:
+        local = _local_modules(SHIPPED_PACKAGES)
+        main = _main_script()
+        key = frozenset(local.items()) | {("__main__", main)}
         if _cache is None or _cache[0] != key:
-            _cache = (key, _build())
+            _cache = (key, _build(local, main))
         return _cache[1]

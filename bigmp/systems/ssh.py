@@ -294,12 +294,34 @@ class SSHSystem(System):
                              "--bigmp-hosts)")
         self.hosts = [_Host(parse_host(h, options), self) for h in hosts]
         self._placement: Dict[str, _Host] = {}
-        self._ca = tls.SessionCA()
+        # Making the CA's key takes tens of ms: do it while the first hosts connect.
+        self._ca_ready = threading.Event()
+        self._ca: Optional[tls.SessionCA] = None
+        self._authkey: Optional[bytes] = None
+        threading.Thread(target=self._make_ca, daemon=True, name="bigmp-ssh-ca").start()
         self.requires = list(codeship.REQUIRED_ON_HOST)
+        self._lock = threading.Lock()
         self.python_version = "%d.%d" % tuple(__import__("sys").version_info[:2])
 
+    def _make_ca(self) -> None:
+        try:
+            self._ca = tls.SessionCA()
+        finally:
+            self._ca_ready.set()
+
+    def _session_ca(self) -> tls.SessionCA:
+        """The session's CA, once made (and the driver's own credentials registered)."""
+        self._ca_ready.wait()
+        if self._ca is None:
+            raise StartError("could not make the session's TLS certificate authority")
+        with self._lock:
+            if self._authkey is not None:
+                tls.register(self._authkey, self._ca.issue("driver"))
+                self._authkey = None
+        return self._ca
+
     def attach(self, session: Any) -> None:
-        tls.register(session.authkey, self._ca.issue("driver"))
+        self._authkey = session.authkey
 
     def machine_name(self, index: int) -> str:
         host = self.hosts[index % len(self.hosts)]
@@ -331,7 +353,6 @@ class SSHSystem(System):
         config["environ"] = {k: v for k, v in (config.get("environ") or {}).items()
                              if k not in _HOST_VARS}
         config["environ_mode"] = "overlay"
-        config["tls"] = self._ca.issue(name).as_dict()
         if bundle.main:
             config["remote_main"] = bundle.main
         header = json.dumps({"hash": bundle.sha256, "python": self.python_version,
@@ -359,6 +380,7 @@ class SSHSystem(System):
                 log.info("ssh %s: uploaded the code bundle (%d KiB) in %.2f s", host.spec,
                          len(bundle.data) // 1024, time.monotonic() - t0)
             host.code_ok = bundle.sha256
+        config["tls"] = self._session_ca().issue(name).as_dict()   # made while connecting
         chan.sendall(encode_config(config))
         launch.start_pumps(rest)
         log.info("ssh %s: launched %s", host.spec, name)
