@@ -24,6 +24,7 @@ from multiprocessing import managers as _mpm
 from typing import Any, Dict, Optional
 
 from .errors import pack_exception
+from .perprocess import PerProcess
 
 log = logging.getLogger("bigmp.mux")
 
@@ -211,34 +212,9 @@ class _Writer:
             channel.flush()
 
 
-_reader: Optional[_Reader] = None
-_writer: Optional[_Writer] = None
-_reader_lock = threading.Lock()
-
-
-def _the_writer() -> _Writer:
-    global _writer
-    with _reader_lock:
-        if _writer is None:
-            _writer = _Writer()
-        return _writer
-
-
-def _the_reader() -> _Reader:
-    global _reader
-    with _reader_lock:
-        if _reader is None:
-            _reader = _Reader()
-        return _reader
-
-
-def _after_fork() -> None:
-    global _reader, _writer, _reader_lock
-    _reader = _writer = None
-    _reader_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork)
+_reader: "PerProcess[_Reader]" = PerProcess(_Reader)
+_writer: "PerProcess[_Writer]" = PerProcess(_Writer)
+_the_reader, _the_writer = _reader.get, _writer.get
 
 
 class MuxChannel:

@@ -15,6 +15,8 @@ import sys
 import threading
 from typing import Callable, Deque, Optional, TextIO
 
+from .perprocess import PerProcess
+
 log = logging.getLogger("bigmp.output")
 
 __all__ = ["Forwarder", "forwarder"]
@@ -111,23 +113,9 @@ class Forwarder:
             pass
 
 
-_forwarder: Optional[Forwarder] = None
-_forwarder_lock = threading.Lock()
+_forwarder: "PerProcess[Forwarder]" = PerProcess(Forwarder)
 
 
 def forwarder() -> Forwarder:
     """The process-wide forwarder (one thread for all sessions)."""
-    global _forwarder
-    with _forwarder_lock:
-        if _forwarder is None:
-            _forwarder = Forwarder()
-        return _forwarder
-
-
-def _reset_after_fork() -> None:
-    global _forwarder, _forwarder_lock
-    _forwarder = None
-    _forwarder_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
+    return _forwarder.get()
