@@ -258,9 +258,22 @@ class Machine:
             if len(_methods) < 10000:
                 _methods[method] = (service, name)
         deadline = _deadline
-        args, kwargs, sources = streams.split_stream_args(args, kwargs)
+        if args or kwargs:
+            args, kwargs, sources = streams.split_stream_args(args, kwargs)
+        else:
+            sources = None
         try:
-            conn = self._acquire(deadline)
+            # The common case inline: an idle pooled connection (see _acquire).
+            conn = self._idle.pop()
+            self._active.add(conn)
+            if self._state is State.STOPPED:
+                self._release(conn, False)
+                raise self._stopped_error()
+        except IndexError:
+            conn = None
+        try:
+            if conn is None:
+                conn = self._acquire(deadline)
         except (OSError, EOFError) as exc:
             if isinstance(exc, TimeoutError) and deadline is not None:
                 raise TimeoutError(f"{method} on {self.name}: no connection within the "
