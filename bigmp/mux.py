@@ -54,7 +54,10 @@ class _Workers:
     def __init__(self, server, conn):
         self.server, self.conn = server, conn
         self.jobs: "queue.SimpleQueue" = queue.SimpleQueue()
-        self.send_lock = threading.Lock()
+        self.send_lock = threading.Lock()    # encoding and the reply queue
+        self.flush_lock = threading.Lock()   # one writer at a time on the socket
+        self.out: list = []
+        self.out_size = 0
         self.idle = 0
         self.count = 0
         self.lock = threading.Lock()
@@ -82,8 +85,24 @@ class _Workers:
             if request is None:
                 return
             self._run(server, conn, request)
+            if jobs.empty():
+                # Replies wait while more requests are queued, then go in one writev.
+                self._flush()
             with self.lock:
                 self.idle += 1
+
+    def _flush(self) -> bool:
+        with self.flush_lock:
+            with self.send_lock:
+                parts, size = self.out, self.out_size
+                self.out, self.out_size = [], 0
+            if not parts:
+                return True
+            try:
+                self.conn.send_encoded(parts, size)
+                return True
+            except (EOFError, OSError):
+                return False
 
     def _run(self, server, conn, job) -> None:
         request, request_bytes = job
@@ -98,24 +117,24 @@ class _Workers:
         reply = (call_id,) + tuple(msg)
         try:
             with self.send_lock:
-                sent = conn.nsent
-                conn.send(reply)
-                sent = conn.nsent - sent
-        except (EOFError, OSError):
-            return
+                parts, sent = conn.encode(reply)
+                self.out.extend(parts)
+                self.out_size += sent
         except Exception as exc:   # the result could not be pickled
             msg = ("#ERROR", pack_exception(exc, server.name))
             try:
                 with self.send_lock:
-                    conn.send((call_id,) + msg)
+                    parts, sent = conn.encode((call_id,) + msg)
+                    self.out.extend(parts)
+                    self.out_size += sent
             except Exception:
                 return
-            sent = 0
         stats = server.stats
         if stats is not None:
             stats.served(server, _Sizes(request_bytes, sent), request[1:], msg, (t0, 0, 0))
         after = server._local.after
         if after:
+            self._flush()   # what runs after the reply (a shutdown) needs it sent first
             fns = after[:]
             after.clear()
             for fn in fns:
