@@ -503,6 +503,7 @@ class ServiceProxy:
             return machine.call(full, *args, **kwargs)
         call.__name__ = method
         call.__qualname__ = full
+        setattr(self, method, call)   # made once: later lookups do not come here
         return call
 
     def _callmethod(self, methodname: str, args=(), kwds={}):
