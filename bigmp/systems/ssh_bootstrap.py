@@ -5,16 +5,10 @@ It answers one JSON line (Python version, CPUs, missing compiled dependencies, w
 code bundle is cached), receives the bundle if asked for, then becomes the worker on the
 same stdin/stdout/stderr. It reads stdin unbuffered, so no byte meant for the worker is lost.
 """
-import hashlib
 import importlib.util
-import io
 import json
 import os
-import platform
-import shutil
 import sys
-import tempfile
-import zipfile
 
 
 def _read_exact(n):
@@ -44,12 +38,18 @@ def main():
     code = os.path.join(cache, "code-" + h["hash"])
     missing = [m for m in h["requires"] if importlib.util.find_spec(m) is None]
     need = not os.path.isdir(code)
-    reply = {"python": platform.python_version(), "cpus": os.cpu_count(), "missing": missing,
+    reply = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "missing": missing,
              "need_code": need, "pid": os.getpid(), "executable": sys.executable}
     os.write(1, (json.dumps(reply) + "\n").encode())
     if "%d.%d" % sys.version_info[:2] != h["python"] or missing:
         sys.exit(3)
     if need:
+        # Only a first start on a host needs these: the reply above does not wait for them.
+        import hashlib
+        import io
+        import shutil
+        import tempfile
+        import zipfile
         data = _read_exact(int(_read_line()))
         if hashlib.sha256(data).hexdigest() != h["hash"]:
             sys.exit("bigmp bootstrap: the code bundle arrived corrupted")
