@@ -195,7 +195,12 @@ class B:
         if m._shutting_down:
             m._set_state(State.STOPPED, _Shutdown(f"{m.name} was shut down by its session"))
             return
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        if code is None:
+            how = "its launcher channel closed with no exit status (host or SSH session lost?)"
+        elif code < 0:
+            how = f"killed by signal {-code}"
+        else:
+            how = f"exit status {code}"
         m._set_state(State.STOPPED, MachineLost(f"machine {m.name} exited ({how})"
                                                 + self._tail(m)))
 
