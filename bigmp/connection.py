@@ -120,12 +120,7 @@ class Listener:
             if family == "AF_UNIX":
                 self._tmpdir = os.path.dirname(address)
         if family == "AF_UNIX":
-            sock = socket.socket(socket.AF_UNIX)
-            old = os.umask(0o177)   # the socket file is 0600: only our user may connect
-            try:
-                sock.bind(address)
-            finally:
-                os.umask(old)
+            sock = bind_unix(address)
             self._unlink = address
         else:
             sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
@@ -241,6 +236,24 @@ def Client(address: Address, family: Optional[str] = None, authkey: Optional[byt
             conn.close()
             raise
     return conn
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A unix socket bound at ``path`` that only our user may connect to (0600).
+
+    chmod after bind rather than a umask around it: the umask is process-wide, so changing
+    it would race with files other threads create. Until the chmod the socket has the
+    umask's mode (under the usual 022 others cannot connect), and bigmp's own paths sit in
+    0700 directories anyway.
+    """
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def unix_address() -> str:

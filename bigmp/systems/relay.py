@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional
 
-from ..connection import unix_address
+from ..connection import bind_unix, unix_address
 
 log = logging.getLogger("bigmp.testing")
 
@@ -213,12 +213,7 @@ class _Relay:
         self.pairs: set = set()
         self.path = unix_address()     # a fresh 0700 directory
         self._dir = os.path.dirname(self.path)
-        sock = socket.socket(socket.AF_UNIX)
-        old = os.umask(0o177)          # the socket file is 0600, like a machine's
-        try:
-            sock.bind(self.path)
-        finally:
-            os.umask(old)
+        sock = bind_unix(self.path)    # 0600, like a machine's
         sock.listen(1024)
         sock.setblocking(False)
         self.listener: Optional[socket.socket] = sock
@@ -298,12 +293,7 @@ class _Relay:
         self.target = target
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
         os.chmod(self._dir, 0o700)
-        sock = socket.socket(socket.AF_UNIX)
-        old = os.umask(0o177)
-        try:
-            sock.bind(self.path)
-        finally:
-            os.umask(old)
+        sock = bind_unix(self.path)
         sock.listen(1024)
         sock.setblocking(False)
         self.listener = sock
