@@ -14,7 +14,7 @@ import time
 import paramiko
 
 import bigmp
-from bigmp import State
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))

@@ -7,7 +7,6 @@ import threading
 
 import pytest
 
-import bigmp
 from bigmp import State
 from tests.services import Barrier, Echo
 

@@ -1,7 +1,6 @@
 """One program: machines' stdout and stderr on the driver's stderr, prefixed, nothing lost."""
 from __future__ import annotations
 
-import pytest
 
 import bigmp
 from tests.services import Echo
