@@ -5,10 +5,15 @@ it is pickled by reference. Traffic stays on loopback (127.0.0.1) or unix socket
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import multiprocessing as mp
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 from multiprocessing import connection as mpc
 from multiprocessing.managers import BaseManager
@@ -232,12 +237,42 @@ def fork_and_ping(n: int) -> float:
 
 
 # -- optional peers (case 6): only if already installed -----------------------------------
+#
+# Every peer is a real server in a process of its own, on 127.0.0.1 only. None of them is
+# imported unless installed (`pip install -e '.[bench]'`); the bench runs without them.
+
+def installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _stop(proc) -> None:
+    if proc.is_alive():
+        proc.kill()
+    proc.join(5)
+
+
+def _serve_in_child(target, cpus, timeout=30.0):
+    """Fork ``target(reply, cpus)``; return (process, the address it replied with)."""
+    r, w = FORK.Pipe(duplex=False)
+    proc = FORK.Process(target=target, args=(w, cpus), daemon=True)
+    proc.start()
+    w.close()
+    try:
+        if not r.poll(timeout):
+            raise TimeoutError(f"{target.__name__} sent no address in {timeout:g} s")
+        return proc, r.recv()          # EOFError if the server died first
+    except BaseException:
+        _stop(proc)
+        raise
+    finally:
+        r.close()
+
 
 def _pyro_server(reply, cpus):
     import Pyro5.api
     if cpus:
-        pin(os.getpid(), cpus)
-    daemon = Pyro5.api.Daemon(host="127.0.0.1")
+        pin(os.getpid(), cpus)         # before the daemon's threads start: they inherit it
+    daemon = Pyro5.api.Daemon(host="127.0.0.1", port=0)
     uri = daemon.register(Pyro5.api.expose(Echo))
     reply.send(str(uri))
     reply.close()
@@ -254,40 +289,139 @@ def _rpyc_server(reply, cpus):
         def exposed_echo(self, x):
             return x
 
-    server = OneShotServer(EchoService, hostname="127.0.0.1", port=0)
+    # No registrar (auto_register=False: no UDP broadcast). The constructor only binds;
+    # start() would listen, so listen first: the client may connect before start() runs.
+    server = OneShotServer(EchoService, hostname="127.0.0.1", port=0, auto_register=False)
+    server.listener.listen(1)
     reply.send(server.port)
     reply.close()
-    server.start()
+    server.start()                     # serves the one connection, returns when it closes
+
+
+def _pyro_caller(cpus):
+    import Pyro5
+    import Pyro5.api
+    proc, uri = _serve_in_child(_pyro_server, cpus)
+    try:
+        proxy = Pyro5.api.Proxy(uri)   # serpent serializer (the default)
+        proxy._pyroBind()
+    except BaseException:
+        _stop(proc)
+        raise
+
+    def close():
+        proxy._pyroRelease()
+        _stop(proc)
+    return "Pyro5 proxy", Pyro5.__version__, proxy.echo, close
+
+
+def _rpyc_caller(cpus):
+    import rpyc
+    proc, port = _serve_in_child(_rpyc_server, cpus)
+    try:
+        conn = rpyc.connect("127.0.0.1", port)
+        echo = conn.root.echo          # the netref is fetched once, off the clock
+    except BaseException:
+        _stop(proc)
+        raise
+
+    def close():
+        conn.close()
+        proc.join(5)                   # the one-shot server ends with its connection
+        _stop(proc)
+    return "RPyC root.echo", rpyc.__version__, echo, close
 
 
 def peer_callers(cpus):
-    """Yield (name, call(x), close()) for each installed peer; skip the rest silently."""
-    import importlib.util
-    if importlib.util.find_spec("Pyro5") is not None:
-        import Pyro5.api
-        r, w = FORK.Pipe(duplex=False)
-        p = FORK.Process(target=_pyro_server, args=(w, cpus), daemon=True)
-        p.start()
-        w.close()
-        proxy = Pyro5.api.Proxy(r.recv())
-        yield "Pyro5 proxy", proxy.echo, lambda: (proxy._pyroRelease(), p.kill(), p.join())
-    if importlib.util.find_spec("rpyc") is not None:
-        import rpyc
-        r, w = FORK.Pipe(duplex=False)
-        p = FORK.Process(target=_rpyc_server, args=(w, cpus), daemon=True)
-        p.start()
-        w.close()
-        conn = rpyc.connect("127.0.0.1", r.recv())
-        yield "RPyC root.echo", conn.root.echo, lambda: (conn.close(), p.kill(), p.join())
+    """Yield (name, version, call(x), close()) for each installed peer; skip the rest."""
+    for module, start in (("Pyro5", _pyro_caller), ("rpyc", _rpyc_caller)):
+        if installed(module):
+            yield start(cpus)
 
 
-def ray_caller():
-    """(call, close) for a Ray actor echo, or None when ray is not installed."""
-    import importlib.util
-    if importlib.util.find_spec("ray") is None:
+# Ray's node address: with this off, Ray takes the loopback address for its node (as on
+# macOS); on Linux it would otherwise pick the address of the outward interface, even when
+# given _node_ip_address="127.0.0.1". No usage reports either.
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def ray_samples(calls: int, reps: int, timeout: float = 150.0):
+    """Ray actor echo round trips, microseconds per call, one sample per repeat (unpinned).
+
+    The driver runs in a fresh interpreter of its own session, so Ray's threads, signal
+    handlers and processes never enter the bench process. Returns None when ray is not
+    installed, else a dict with ``samples``, ``version``, ``init_s``, ``shutdown_s``.
+    Raises if the driver fails or if any Ray process outlived ``ray.shutdown()``.
+    """
+    if not installed("ray"):
         return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); import _baselines; "
+            f"_baselines._ray_driver({int(calls)}, {int(reps)})")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **RAY_ENV})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)   # the driver and any Ray process in its group
+        proc.communicate()
+        raise RuntimeError(f"the Ray driver took more than {timeout:g} s") from None
+    last = out.strip().splitlines()[-1:] if out else []
+    if proc.returncode != 0 or not last:
+        raise RuntimeError(f"the Ray driver failed (exit {proc.returncode}):\n{err[-4000:]}")
+    result = json.loads(last[0])
+    if result["leftover"]:
+        raise RuntimeError(f"Ray processes outlived ray.shutdown(): {result['leftover']}")
+    return result
+
+
+def _ray_driver(calls: int, reps: int) -> None:
+    """Runs in the child of ray_samples(): a local-only Ray on 2 CPUs, one actor, a JSON line."""
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    import gc
+
+    import psutil
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
-    actor = ray.remote(Echo).remote()
-    return (lambda x: ray.get(actor.echo.remote(x))), ray.shutdown
+    from ray._private import ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = False     # in case ray was imported before the env
+
+    class RayEcho:                     # local, so pickled by value: workers need no sys.path
+        def echo(self, x):
+            return x
+
+    samples, leftover, node_ip = [], [], None
+    try:
+        t0 = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        init_s = time.perf_counter() - t0
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip != "127.0.0.1":
+            raise RuntimeError(f"Ray chose node address {node_ip}, not 127.0.0.1")
+        actor = ray.remote(RayEcho).remote()
+        ray.get(actor.echo.remote(1))              # waits for the worker process to start
+        for _ in range(min(calls, 100)):           # warm up
+            ray.get(actor.echo.remote(1))
+        for _ in range(reps):
+            gc.collect()
+            t = time.perf_counter()
+            for _ in range(calls):
+                ray.get(actor.echo.remote(1))
+            samples.append((time.perf_counter() - t) / calls * 1e6)
+    finally:
+        kids = psutil.Process().children(recursive=True)
+        t = time.perf_counter()
+        ray.shutdown()
+        shutdown_s = time.perf_counter() - t
+        _, alive = psutil.wait_procs(kids, timeout=10)
+        for k in alive:
+            try:
+                leftover.append(f"{k.pid} {' '.join(k.cmdline()[:2])}")
+                k.kill()
+            except psutil.Error:
+                pass
+    print(json.dumps({"samples": samples, "version": ray.__version__, "init_s": init_s,
+                      "shutdown_s": shutdown_s, "node_ip": node_ip, "leftover": leftover}),
+          flush=True)

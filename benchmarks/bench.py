@@ -11,8 +11,9 @@ Latency cases (1, 2, 6) pin the driver and every server process to one CPU, as
 Cases: 1 small call round trip (us); 2 new connection + first call over TCP loopback (ms);
 3 100 MiB echo (MB/s = payload bytes / round-trip seconds / 1e6); 4 local machine start
 to RUNNING (ms; 4a/4b on a settled session, 4c including ``bigmp.start()``); 5 10,000
-async no-op calls over 8 machines (calls/s); 6 peers (Pyro5, RPyC, Ray) if installed,
-report only. Ratio is always bigmp / baseline. Results: table on stdout, JSON to --json.
+async no-op calls over 8 machines (calls/s); 6 peers (Pyro5, RPyC, Ray) if installed
+(``pip install -e '.[bench]'``), report only. Ratio is always bigmp / baseline.
+Results: table on stdout, JSON to --json.
 """
 from __future__ import annotations
 
@@ -131,12 +132,17 @@ def case_small_calls(cfg, cpu, allcpus):
             "stdlib proxy (unix)", ("ratio<=", 1.0))
         row("1d", "small call: bigmp m.call vs raw", "us", samples["m.call"],
             samples["raw connection"], "raw mp.connection (unix)")
-        # 6: peers that happen to be installed, pinned the same way (report only).
-        for name, call, close in bl.peer_callers({cpu}):
+        # 6: peers that happen to be installed, pinned the same way (report only). Each
+        # peer is interleaved with fresh m.call samples, like the variants above.
+        for name, version, call, close in bl.peer_callers({cpu}):
             peers.append(close)
-            per_call(call, min(n, 200))
-            s = [per_call(call, n) * 1e6 for _ in range(reps)]
-            row("6", f"peer: bigmp m.call vs {name}", "us", samples["m.call"], s, name)
+            per_call(call, min(n, 200))                      # warm up
+            big_s, s = [], []
+            for _ in range(reps):
+                big_s.append(per_call(variants["m.call"], n) * 1e6)
+                s.append(per_call(call, n) * 1e6)
+            row("6", f"peer: bigmp m.call vs {name}", "us", big_s, s, name,
+                extra={"peer_version": version, "note": f"{name}: {version}, pinned like 1a"})
     finally:
         bl.pin(os.getpid(), allcpus)
         for close in peers:
@@ -145,16 +151,17 @@ def case_small_calls(cfg, cpu, allcpus):
         raw.close()
         big.shutdown()
         std.shutdown()
-    ray = bl.ray_caller()        # Ray cannot be pinned as a whole: unpinned, report only
+    # Ray cannot be pinned as a whole (a dozen processes): unpinned, report only, against
+    # the 1a samples. Its driver runs in a child interpreter; see bl.ray_samples().
+    ray = bl.ray_samples(min(n, 1000), reps)
     if ray is not None:
-        call, close = ray
-        try:
-            per_call(call, 100)
-            s = [per_call(call, min(n, 1000)) * 1e6 for _ in range(reps)]
-            row("6", "peer: bigmp m.call (pinned) vs Ray actor (unpinned)", "us",
-                [r for r in ROWS if r["key"] == "1a"][0]["bigmp_samples"], s, "Ray actor")
-        finally:
-            close()
+        row("6", "peer: bigmp m.call (pinned) vs Ray actor (unpinned)", "us",
+            samples["m.call"], ray["samples"], "Ray actor",
+            extra={"peer_version": ray["version"], "ray_init_s": ray["init_s"],
+                   "ray_shutdown_s": ray["shutdown_s"],
+                   "note": f"Ray actor: {ray['version']}, local-only on {ray['node_ip']}, "
+                           f"2 CPUs, unpinned; ray.init {ray['init_s']:.1f} s, "
+                           f"ray.shutdown {ray['shutdown_s']:.1f} s"})
 
 
 # -- case 2: new connection + first call over TCP loopback -----------------------------
