@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from multiprocessing import managers as _mpm
 from typing import Any, Dict, Optional
 
-from . import connection, streams
+from . import connection, streams, wire
 from .errors import MachineLost, MachineStopped
 
 log = logging.getLogger("bigmp.machine")
@@ -32,6 +32,7 @@ class State(enum.IntEnum):
     STOPPED = 3
 
 
+_PLAIN = wire.PLAIN
 _methods: Dict[str, tuple] = {}   # "Service.method" -> (service, method), parsed once
 
 
@@ -258,10 +259,15 @@ class Machine:
             if len(_methods) < 10000:
                 _methods[method] = (service, name)
         deadline = _deadline
-        if args or kwargs:
+        sources = None
+        plain = not kwargs   # only plain scalars: conn.send_plain (see wire.PLAIN)
+        if plain:
+            for a in args:
+                if type(a) not in _PLAIN:
+                    plain = False
+                    break
+        if not plain:
             args, kwargs, sources = streams.split_stream_args(args, kwargs)
-        else:
-            sources = None
         try:
             # The common case inline: an idle pooled connection (see _acquire).
             conn = self._idle.pop()
@@ -285,7 +291,10 @@ class Machine:
         kind = None
         ok = False
         try:
-            conn.send((service, name, args, kwargs))
+            if plain:
+                conn.send_plain((service, name, args, kwargs))
+            else:
+                conn.send((service, name, args, kwargs))
             if sources:
                 # From another thread: a streamed reply may start before the input ends.
                 sender = threading.Thread(target=streams.send_sources, args=(conn, sources),

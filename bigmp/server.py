@@ -22,7 +22,7 @@ from multiprocessing import connection as _mpc, managers as _mpm, process as _pr
 from traceback import format_exc
 from typing import Any, Callable, Dict, Optional
 
-from . import connection, streams
+from . import connection, streams, wire
 from .errors import UnknownMethod, UnknownService, Unserializable, pack_exception
 
 log = logging.getLogger("bigmp.server")
@@ -30,6 +30,8 @@ log = logging.getLogger("bigmp.server")
 __all__ = ["BigServer", "public_methods", "SERIALIZERS"]
 
 _GeneratorType = types.GeneratorType
+_PLAIN = wire.PLAIN
+_BigConnection = wire.BigConnection
 
 
 def public_methods(obj: Any) -> list:
@@ -283,7 +285,10 @@ class BigServer(_mpm.Server):
     def _send(self, conn, msg, request) -> bool:
         try:
             try:
-                conn.send(msg)
+                if type(msg[1]) in _PLAIN and isinstance(conn, _BigConnection):
+                    conn.send_plain(msg)
+                else:
+                    conn.send(msg)
             except (EOFError, OSError, BrokenPipeError):
                 raise
             except Exception as exc:

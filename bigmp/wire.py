@@ -37,6 +37,10 @@ _READ_AHEAD = 65536
 OOB_MIN = 1 << 16          # buffers at least this large travel out of band
 _OOB_MARK = -2
 _IS_BYTES = 1 << 63
+# Scalars whose pickle never consults a reducer and never holds a large buffer: a
+# message of these (in tuples and dicts) may skip the ForkingPickler (see send_plain).
+PLAIN = frozenset((int, float, str, bool, type(None), complex))
+_pdumps = pickle.dumps
 
 
 class FrameTooLarge(ValueError):
@@ -223,6 +227,25 @@ class BigConnection(_mpc.Connection):
         self.oob = True
         self._pickler = None
 
+    def send_plain(self, obj: Any) -> None:
+        """:meth:`send` for a message the caller knows is only tuples, dicts and
+        :data:`PLAIN` scalars: no reducer and no large buffer can be involved, so the C
+        pickler's one-call ``dumps`` gives the very bytes the ForkingPickler would, in a
+        third of the time (no BytesIO, no dispatch table)."""
+        if self._handle is None or not self._writable:
+            self._check_closed()
+            self._check_writable()
+        payload = _pdumps(obj, 5)
+        n = len(payload)
+        limit = self.max_frame
+        if n > (limit if limit is not None else config.max_frame()):
+            raise self._too_large(n, True)
+        self.nsent += n
+        if n < 16384:
+            self._send(_HDR.pack(n) + payload)
+        else:
+            self._send_bytes(payload)
+
     def _send_bytes(self, buf) -> None:
         n = len(buf)
         if n > 0x7fffffff:
@@ -373,8 +396,32 @@ class BigConnection(_mpc.Connection):
         return _Buf(bytes(self._take(size)))
 
     def recv(self) -> Any:
-        self._check_closed()
-        self._check_readable()
+        if self._handle is None or not self._readable:
+            self._check_closed()
+            self._check_readable()
+        # The common case inline: a small frame that is (or, after one read, will be)
+        # whole in the read-ahead buffer.
+        pos = self._rpos
+        if self._rend - pos < 4:
+            self._fill(4)
+            pos = self._rpos
+        size, = _HDR.unpack_from(self._rbuf, pos)
+        if 0 <= size <= _READ_AHEAD - 4:
+            limit = self.max_frame
+            if size > (limit if limit is not None else config.max_frame()):
+                raise self._too_large(size, False)
+            if self._rend - pos < 4 + size:
+                self._fill(4 + size)
+                pos = self._rpos
+            start = pos + 4
+            end = start + size
+            if end == self._rend:
+                self._rpos = self._rend = 0
+            else:
+                self._rpos = end
+            self.last_recv = size
+            self.nrecv += size
+            return pickle.loads(self._rview[start:end])
         size = self._frame_size()
         if size == _OOB_MARK:
             return self._recv_oob()

@@ -171,3 +171,67 @@ def test_large_buffers_round_trip_exactly(value):
             got[0] ^= 1   # writable, as a bytearray must be
         if isinstance(got, tuple):
             assert type(got[0]) is bytes and type(got[1]["k"]) is bytes
+
+
+def _pair():
+    a, b = socket.socketpair()
+    return connection.BigConnection(a.detach()), connection.BigConnection(b.detach())
+
+
+def test_send_plain_writes_the_frame_send_writes():
+    ca, cb = _pair()
+    try:
+        for msg in [("Echo", "echo", (1, 2.5, "x" * 20000, None, True, 3j), {}),
+                    ("#RETURN", "y" * 70000), ("#RETURN", None)]:
+            ca.send_plain(msg)
+            plain = os.read(cb.fileno(), 1 << 20)
+            ca.send(msg)
+            assert os.read(cb.fileno(), 1 << 20) == plain
+    finally:
+        ca.close()
+        cb.close()
+
+
+def test_send_plain_refuses_an_oversized_frame_before_writing():
+    ca, cb = _pair()
+    try:
+        ca.max_frame = 100
+        with pytest.raises(connection.FrameTooLarge, match="max_frame"):
+            ca.send_plain(("#RETURN", "z" * 1000))
+        ca.send_plain(("#RETURN", 7))
+        assert cb.recv() == ("#RETURN", 7)   # nothing of the refused frame was written
+    finally:
+        ca.close()
+        cb.close()
+
+
+class _Trickle(connection.BigConnection):
+    """Reads at most ``step`` bytes at a time: frames arrive in pieces, deterministically."""
+
+    step = 1
+
+    def _read_into(self, view):
+        return super()._read_into(view[:self.step])
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000, 1 << 20])
+@pytest.mark.parametrize("size", [0, 1, 100, 65513, 65514, 65515, 65536, 70000])
+def test_frames_arriving_in_pieces_are_read_whole(size, step):
+    """The read-ahead fast path around its edges: header and body split across reads,
+    several frames in one read, bodies of 65531-65533 bytes (the read-ahead buffer is
+    65536: the fast path takes up to 65532), and larger ones."""
+    import pickle
+    a, b = socket.socketpair()
+    ca, cb = connection.BigConnection(a.detach()), _Trickle(b.detach())
+    cb.step = step
+    try:
+        payload = b"p" * size
+        body = pickle.dumps(payload, 5)
+        stream = (struct.pack("!i", len(body)) + body) * 3
+        writer = threading.Thread(target=os.write, args=(ca.fileno(), stream))
+        writer.start()   # 3 frames may exceed the socket buffer: write while reading
+        assert [cb.recv() for _ in range(3)] == [payload] * 3
+        writer.join(10)
+    finally:
+        ca.close()
+        cb.close()
