@@ -36,6 +36,16 @@ _PLAIN = wire.PLAIN
 _methods: Dict[str, tuple] = {}   # "Service.method" -> (service, method), parsed once
 
 
+def _plain(args: tuple, kwargs: dict) -> bool:
+    """Only plain scalars (wire.PLAIN): nothing to stream, no reducer, no large buffer."""
+    if kwargs:
+        return False
+    for a in args:
+        if type(a) not in _PLAIN:
+            return False
+    return True
+
+
 def _split(method: str):
     service, dot, name = method.partition(".")
     if not dot or not service or not name:
@@ -260,12 +270,7 @@ class Machine:
                 _methods[method] = (service, name)
         deadline = _deadline
         sources = None
-        plain = not kwargs   # only plain scalars: conn.send_plain (see wire.PLAIN)
-        if plain:
-            for a in args:
-                if type(a) not in _PLAIN:
-                    plain = False
-                    break
+        plain = _plain(args, kwargs)
         if not plain:
             args, kwargs, sources = streams.split_stream_args(args, kwargs)
         try:
@@ -333,15 +338,15 @@ class Machine:
         not yet RUNNING use a thread of the session instead.
         """
         if timeout is None and self._state is State.RUNNING:
-            _, _, sources = streams.split_stream_args(args, kwargs)
-            if not sources:
+            plain = _plain(args, kwargs)
+            if plain or not streams.split_stream_args(args, kwargs)[2]:
                 channel = self._mux_channel()
                 if channel is not None:
                     try:
                         service, name = _methods[method]
                     except KeyError:
                         service, name = _split(method)
-                    return channel.submit(service, name, args, kwargs)
+                    return channel.submit(service, name, args, kwargs, plain)
         return self._b._executor().submit(self._call_unstreamed, method, args, kwargs, timeout)
 
     def _call_unstreamed(self, method: str, args: tuple, kwargs: dict,

@@ -24,6 +24,7 @@ from multiprocessing import managers as _mpm
 from typing import Any, Dict, Optional
 
 from .errors import pack_exception
+from .wire import PLAIN as _PLAIN
 from .perprocess import PerProcess
 
 log = logging.getLogger("bigmp.mux")
@@ -115,9 +116,10 @@ class _Workers:
                 f"{request[1]}.{request[2]} returned a generator: streamed results need "
                 "call(), not call_async()"), server.name))
         reply = (call_id,) + tuple(msg)
+        encode = conn.encode_plain if type(msg[1]) in _PLAIN else conn.encode
         try:
             with self.send_lock:
-                parts, sent = conn.encode(reply)
+                parts, sent = encode(reply)
                 self.out.extend(parts)
                 self.out_size += sent
         except Exception as exc:   # the result could not be pickled
@@ -263,7 +265,9 @@ class MuxChannel:
         except BaseException as exc:
             self.fail_later(exc)
 
-    def submit(self, service: str, name: str, args: tuple, kwargs: dict) -> "Future[Any]":
+    def submit(self, service: str, name: str, args: tuple, kwargs: dict,
+               plain: bool = False) -> "Future[Any]":
+        """Send one call; ``plain``: its arguments are only wire.PLAIN scalars."""
         fut: Future = Future()
         fut.set_running_or_notify_cancel()
         call_id = next(self.ids)
@@ -274,7 +278,8 @@ class MuxChannel:
             with self.send_lock:
                 if self.dead is not None:
                     raise self.dead
-                parts, entry[4] = conn.encode((call_id, service, name, args, kwargs))
+                parts, entry[4] = (conn.encode_plain if plain else conn.encode)(
+                    (call_id, service, name, args, kwargs))
                 self.out.extend(parts)
                 self.out_size += entry[4]
                 schedule = not self.scheduled

@@ -235,16 +235,25 @@ class BigConnection(_mpc.Connection):
         if self._handle is None or not self._writable:
             self._check_closed()
             self._check_writable()
+        parts, n = self.encode_plain(obj)
+        self.nsent += n
+        if len(parts) == 1:
+            self._send(parts[0])
+        else:
+            self._sendv(parts)
+
+    def encode_plain(self, obj: Any) -> tuple:
+        """:meth:`encode` for a message of :data:`PLAIN` scalars (see :meth:`send_plain`)."""
         payload = _pdumps(obj, 5)
         n = len(payload)
         limit = self.max_frame
         if n > (limit if limit is not None else config.max_frame()):
             raise self._too_large(n, True)
-        self.nsent += n
         if n < 16384:
-            self._send(_HDR.pack(n) + payload)
-        else:
-            self._send_bytes(payload)
+            return [_HDR.pack(n) + payload], n
+        if n > 0x7fffffff:
+            return [_HDR.pack(-1), _Q.pack(n), payload], n
+        return [_HDR.pack(n), payload], n
 
     def _send_bytes(self, buf) -> None:
         n = len(buf)
