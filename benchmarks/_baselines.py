@@ -191,8 +191,10 @@ class SocketEcho:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.back = bytearray()
 
-    def echo(self, data) -> int:
-        if len(self.back) < len(data):
+    def echo(self, data, fresh: bool = False) -> int:
+        """Send ``data``, read it back into a reused buffer (``fresh``: into a new
+        bytearray each time, as an API that hands the caller a new object must)."""
+        if fresh or len(self.back) < len(data):
             self.back = bytearray(len(data))
         self.sock.sendall(_LEN.pack(len(data)))
         self.sock.sendall(data)

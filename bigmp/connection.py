@@ -30,9 +30,21 @@ __all__ = ["BigConnection", "Listener", "Client", "dumps", "loads", "FrameTooLar
            "handshake_server", "handshake_client"]
 
 
+# A unix socket's queue is bounded by the sender's SO_SNDBUF (208 KiB by default): a
+# large message then crosses in many small write/read pairs with a context switch each.
+# Up to this much (the kernel caps it at net.core.wmem_max) only costs memory while data
+# is queued. TCP keeps its autotuning (setting a buffer size would turn it off).
+UNIX_SNDBUF = 4 << 20
+
+
 def _tune(sock: socket.socket) -> None:
     if sock.family in (socket.AF_INET, getattr(socket, "AF_INET6", -1)):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    elif sock.family == socket.AF_UNIX:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
+        except OSError:
+            pass
 
 
 def address_type(address: Address) -> str:

@@ -80,7 +80,37 @@ def _fresh_bytes(n: int):
         return data, memoryview(data)
     obj = _PyBytes_FromStringAndSize(None, n)
     addr = id(obj) + _BYTES_OFFSET
+    if n >= _POPULATE_MIN:
+        _populate(addr, n)
     return obj, memoryview((ctypes.c_char * n).from_address(addr)).cast("B")
+
+
+def _fresh_bytearray(n: int):
+    """(a new zeroed bytearray of size n, a view of it), its pages faulted in at once."""
+    data = bytearray(n)
+    view = memoryview(data)
+    if n >= _POPULATE_MIN and _madvise is not None:
+        _populate(ctypes.addressof(ctypes.c_char.from_buffer(view)), n)
+    return data, view
+
+
+_POPULATE_MIN = 1 << 20
+_MADV_POPULATE_WRITE = 23   # Linux 5.14+
+
+
+def _populate(addr: int, n: int) -> None:
+    """Fault in the pages of a fresh receive buffer with one madvise(MADV_POPULATE_WRITE)
+    instead of one page fault per 4 KiB as the socket read first touches them (100 MiB:
+    ~31 -> ~22 ms here). Only whole pages inside [addr, addr+n) are touched. Huge pages
+    are not asked for: on VMs that hand free 2 MiB blocks back to the host, a huge-page
+    buffer taken after a few idle seconds costs ~160 ms instead of ~25 (measured)."""
+    global _madvise
+    if _madvise is None:
+        return
+    start = (addr + 4095) & ~4095
+    end = (addr + n) & ~4095
+    if end > start and _madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
+        _madvise = None     # older kernel (EINVAL): plain page faults from now on
 
 
 try:
@@ -94,6 +124,12 @@ try:
     _BYTES_OFFSET = bytes.__basicsize__ - 1   # ob_sval, after the header
 except Exception:   # pragma: no cover - other interpreters
     _PyBytes_FromStringAndSize = None
+try:
+    _madvise = ctypes.CDLL(None, use_errno=True).madvise
+    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    _madvise.restype = ctypes.c_int
+except Exception:   # pragma: no cover - no libc madvise
+    _madvise = None
 
 
 class _LargeBytes:
@@ -369,8 +405,8 @@ class BigConnection(_mpc.Connection):
             if self._rpos == self._rend:
                 self._rpos = self._rend = 0
             return self._rview[start:start + n]
-        out = bytearray(n)
-        self._fill_view(memoryview(out))
+        out, view = _fresh_bytearray(n)
+        self._fill_view(view)
         return out
 
     def _fill_view(self, view: memoryview) -> None:
@@ -460,8 +496,7 @@ class BigConnection(_mpc.Connection):
         if as_bytes:
             obj, view = _fresh_bytes(n)
         else:
-            obj = bytearray(n)
-            view = memoryview(obj)
+            obj, view = _fresh_bytearray(n)
         self._fill_view(view)
         view.release()
         return obj
