@@ -38,7 +38,14 @@ class Bundle:
         return len(self.data)
 
 
+_system_dirs_cache: Optional[List[str]] = None
+
+
 def _system_dirs() -> List[str]:
+    """The standard library's and site-packages' directories (fixed for the process)."""
+    global _system_dirs_cache
+    if _system_dirs_cache is not None:
+        return _system_dirs_cache
     dirs = set()
     for key in ("stdlib", "platstdlib", "purelib", "platlib"):
         path = sysconfig.get_paths().get(key)
@@ -50,7 +57,8 @@ def _system_dirs() -> List[str]:
             dirs.add(os.path.realpath(path))
     dirs.add(os.path.realpath(sys.base_prefix))
     dirs.add(os.path.realpath(sys.prefix))
-    return sorted(dirs)
+    _system_dirs_cache = sorted(dirs)
+    return _system_dirs_cache
 
 
 def _under(path: str, dirs: Iterable[str]) -> bool:
@@ -66,30 +74,54 @@ def _package_files(pkg_dir: str, arc_root: str) -> Iterable[Tuple[str, str]]:
                 yield path, os.path.join(arc_root, os.path.relpath(path, pkg_dir))
 
 
+# What _local_modules found for each (module name, __file__): (arcname, real path) or None.
+# A bundle is looked for at every launch; only modules imported since the last look cost
+# a realpath (about 10 us each, thousands of modules in a big driver).
+_seen: Dict[Tuple[str, str], Optional[Tuple[str, str]]] = {}
+_seen_path: Tuple[str, ...] = ()
+
+
 def _local_modules(skip: Iterable[str]) -> Dict[str, str]:
     """arcname -> path for the driver's own modules (not stdlib, not site-packages)."""
-    system = _system_dirs()
-    roots = sorted({os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)},
-                   key=len, reverse=True)
+    global _seen_path
+    if tuple(sys.path) != _seen_path:   # another sys.path may place modules elsewhere
+        _seen.clear()
+        _seen_path = tuple(sys.path)
+    skip = set(skip)
+    roots: Optional[List[str]] = None
     out: Dict[str, str] = {}
     for name, mod in list(sys.modules.items()):
-        if name == "__main__" or name.split(".")[0] in skip:
-            continue
         path = getattr(mod, "__file__", None)
-        if not path or not path.endswith(".py"):
+        if not isinstance(path, str) or name == "__main__" or name.partition(".")[0] in skip:
             continue
-        path = os.path.realpath(path)
-        if _under(path, system) or "site-packages" in path or "dist-packages" in path:
-            continue
-        for root in roots:
-            if path.startswith(root + os.sep):
-                rel = os.path.relpath(path, root)
-                # Only if the module's dotted name matches its place under that root.
-                expected = name.replace(".", os.sep)
-                if rel in (expected + ".py", os.path.join(expected, "__init__.py")):
-                    out[rel] = path
-                break
+        try:
+            hit = _seen[name, path]
+        except KeyError:
+            if roots is None:
+                roots = sorted({os.path.realpath(p) for p in sys.path
+                                if p and os.path.isdir(p)}, key=len, reverse=True)
+            hit = _seen[name, path] = _classify(name, path, roots)
+        if hit is not None:
+            out[hit[0]] = hit[1]
     return out
+
+
+def _classify(name: str, path: str, roots: List[str]) -> Optional[Tuple[str, str]]:
+    """(arcname, real path) if module ``name`` at ``path`` is one of the driver's own."""
+    if not path.endswith(".py"):
+        return None
+    path = os.path.realpath(path)
+    if _under(path, _system_dirs()) or "site-packages" in path or "dist-packages" in path:
+        return None
+    for root in roots:
+        if path.startswith(root + os.sep):
+            rel = os.path.relpath(path, root)
+            # Only if the module's dotted name matches its place under that root.
+            expected = name.replace(".", os.sep)
+            if rel in (expected + ".py", os.path.join(expected, "__init__.py")):
+                return rel, path
+            return None
+    return None
 
 
 def _main_script() -> Optional[str]:

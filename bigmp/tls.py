@@ -130,13 +130,23 @@ def _key_id(authkey: bytes) -> bytes:
 
 
 def register(authkey: bytes, creds: Credentials, serve: bool = False) -> None:
-    """Use ``creds`` for this session's TLS connections (and, with ``serve``, for listening)."""
+    """Use ``creds`` for this session's TLS connections (and, with ``serve``, for listening).
+
+    With ``serve`` (a machine) the client context is made on first use: a machine may
+    never dial, and its launch should not wait for it. Without (the driver) it is made now.
+    """
     global _server
+    key = _key_id(authkey)
+    server = creds.server() if serve else None
+    client = None if serve else creds.client()
     with _lock:
-        _clients[_key_id(authkey)] = creds.client()
-        _creds[_key_id(authkey)] = creds
-        if serve:
-            _server = creds.server()
+        _creds[key] = creds
+        if client is not None:
+            _clients[key] = client
+        else:
+            _clients.pop(key, None)
+        if server is not None:
+            _server = server
 
 
 def credentials(authkey: Optional[bytes]) -> Optional[Dict[str, bytes]]:
@@ -146,11 +156,18 @@ def credentials(authkey: Optional[bytes]) -> Optional[Dict[str, bytes]]:
 
 
 def client_context(authkey: Optional[bytes]) -> ssl.SSLContext:
-    ctx = _clients.get(_key_id(authkey)) if authkey is not None else None
+    key = _key_id(authkey) if authkey is not None else None
+    ctx = _clients.get(key)
     if ctx is None:
-        raise ConnectionError("this process has no TLS credentials for the session it is "
-                              "connecting to (TLS addresses work in the driver and on its "
-                              "machines)")
+        creds = _creds.get(key)
+        if creds is None:
+            raise ConnectionError("this process has no TLS credentials for the session it "
+                                  "is connecting to (TLS addresses work in the driver and "
+                                  "on its machines)")
+        with _lock:
+            ctx = _clients.get(key)
+            if ctx is None:
+                ctx = _clients[key] = creds.client()
     return ctx
 
 

@@ -204,3 +204,48 @@ def test_machines_listen_only_with_tls(sshd):
                     s.sendall(b"x")
                     s.recv(10)
         assert m.call("Echo.echo", "still fine") == "still fine"
+
+
+def test_first_session_does_not_wait_for_a_delayed_ack(sshd):
+    # Until its first session starts sshd sends with Nagle on, and after authentication it
+    # writes two small packets in a row: without quick ACKs from bigmp's side the
+    # channel-open confirmation waits 40 ms for Linux's delayed ACK (about 1 ms with).
+    from bigmp import config
+    from bigmp.systems import ssh
+    if ssh._TCP_QUICKACK is None:
+        pytest.skip("no TCP_QUICKACK on this platform")
+    system = ssh.SSHSystem(config.resolve(**sshd.options(n_hosts=1)))
+    best = 1.0
+    for _ in range(3):
+        client = system.hosts[0]._connect()
+        try:
+            assert isinstance(client.get_transport().sock, ssh._QuickAckSocket)
+            t0 = time.perf_counter()
+            chan = client.get_transport().open_session(timeout=10)
+            best = min(best, time.perf_counter() - t0)
+            chan.exec_command("true")
+            assert chan.recv_exit_status() == 0
+        finally:
+            client.close()
+    assert best < 0.03, f"opening a session took {best * 1000:.0f} ms"
+
+
+def test_bundle_follows_new_local_modules(tmp_path, monkeypatch):
+    # bundle() is looked up at every launch and remembers what it found per module; a
+    # local module imported since the last launch still travels with the next one.
+    from bigmp import codeship
+    before = codeship.bundle()
+    assert codeship.bundle() is before   # nothing new: the same bundle, not rebuilt
+    (tmp_path / "bigmp_test_newmod.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import bigmp_test_newmod   # noqa: F401
+    try:
+        after = codeship.bundle()
+        assert after.sha256 != before.sha256
+        import io
+        import zipfile
+        assert "bigmp_test_newmod.py" in zipfile.ZipFile(io.BytesIO(after.data)).namelist()
+    finally:
+        sys.modules.pop("bigmp_test_newmod", None)
+    monkeypatch.undo()
+    assert codeship.bundle().sha256 == before.sha256
