@@ -346,7 +346,7 @@ class Machine:
                         service, name = _methods[method]
                     except KeyError:
                         service, name = _split(method)
-                    return channel.submit(service, name, args, kwargs, plain)
+                    return channel.submit(method, service, name, args, kwargs, plain)
         return self._b._executor().submit(self._call_unstreamed, method, args, kwargs, timeout)
 
     def _call_unstreamed(self, method: str, args: tuple, kwargs: dict,

@@ -19,7 +19,8 @@ import os
 import queue
 import threading
 import types
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import FINISHED as _FINISHED, RUNNING as _RUNNING
 from multiprocessing import managers as _mpm
 from typing import Any, Dict, Optional
 
@@ -238,13 +239,42 @@ _writer: "PerProcess[_Writer]" = PerProcess(_Writer)
 _the_reader, _the_writer = _reader.get, _writer.get
 
 
+class CallFuture(Future):
+    """The Future of one mux call. It is born RUNNING: its request is on its way, so,
+    like an executor's running task, it can no longer be cancelled. Only the reader
+    thread completes it, once; set_result skips the notify and callback loops when
+    nobody waits (most calls: ~0.7 us of the ~10 us a call costs the driver)."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._state = _RUNNING
+        self._result = None
+        self._exception = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
+
+    def set_result(self, result: Any) -> None:
+        cond = self._condition
+        with cond:
+            if self._state != _RUNNING:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._state = _FINISHED
+            for waiter in self._waiters:
+                waiter.add_result(self)
+            if cond._waiters:
+                cond.notify_all()
+        if self._done_callbacks:
+            self._invoke_callbacks()
+
+
 class MuxChannel:
     """One mux connection to a machine: send requests, complete Futures as replies come."""
 
     def __init__(self, machine, conn):
         self.machine = machine
         self.conn = conn
-        self.pending: Dict[int, list] = {}   # id -> [future, service, method, t0, bytes]
+        self.pending: Dict[int, list] = {}   # id -> [future, method, t0, request bytes]
         self.ids = itertools.count()
         self.send_lock = threading.Lock()
         self.dead: Optional[BaseException] = None
@@ -265,23 +295,23 @@ class MuxChannel:
         except BaseException as exc:
             self.fail_later(exc)
 
-    def submit(self, service: str, name: str, args: tuple, kwargs: dict,
+    def submit(self, method: str, service: str, name: str, args: tuple, kwargs: dict,
                plain: bool = False) -> "Future[Any]":
-        """Send one call; ``plain``: its arguments are only wire.PLAIN scalars."""
-        fut: Future = Future()
-        fut.set_running_or_notify_cancel()
+        """Send one call (``method`` is ``service.name``); ``plain``: its arguments are
+        only wire.PLAIN scalars."""
+        fut = CallFuture()
         call_id = next(self.ids)
-        entry = [fut, service, name, _now(), 0]
+        entry = [fut, method, _now(), 0]
         self.pending[call_id] = entry
         conn = self.conn
         try:
             with self.send_lock:
                 if self.dead is not None:
                     raise self.dead
-                parts, entry[4] = (conn.encode_plain if plain else conn.encode)(
+                parts, entry[3] = (conn.encode_plain if plain else conn.encode)(
                     (call_id, service, name, args, kwargs))
                 self.out.extend(parts)
-                self.out_size += entry[4]
+                self.out_size += entry[3]
                 schedule = not self.scheduled
                 self.scheduled = True
             if schedule:
@@ -291,7 +321,7 @@ class MuxChannel:
         except BaseException as exc:
             self.pending.pop(call_id, None)
             if isinstance(exc, (EOFError, OSError)) and not isinstance(exc, TimeoutError):
-                exc = self.machine._lost(exc, f"{service}.{name}")
+                exc = self.machine._lost(exc, method)
             fut.set_exception(exc)
         return fut
 
@@ -303,8 +333,8 @@ class MuxChannel:
             return
         stats = self.machine._b.stats
         if stats is not None:
-            stats.record(self.machine.name, f"{entry[1]}.{entry[2]}", _now() - entry[3],
-                         kind != "#RETURN", entry[4], self.conn.last_recv)
+            stats.record(self.machine.name, entry[1], _now() - entry[2],
+                         kind != "#RETURN", entry[3], self.conn.last_recv)
         if kind == "#RETURN":
             entry[0].set_result(result)
         else:

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from bigmp import State
+from tests.conftest import wait_until
 from tests.services import Barrier, Echo
 
 
@@ -44,6 +45,32 @@ def test_call_async_returns_future(machine):
     bad = machine.call_async("Echo.fail", "async boom")
     with pytest.raises(ValueError, match="async boom"):
         bad.result(timeout=30)
+
+
+def test_call_async_futures_behave_as_running_executor_futures(machine):
+    """The mux path's Futures (and the thread path's) keep the concurrent.futures
+    contract: running, not cancellable, callbacks, wait, as_completed, result()."""
+    machine.call_async("Echo.noop").result(timeout=30)   # starts dialing the mux channel
+    wait_until(lambda: machine._mux is not None, 30)     # later calls ride on it
+    slow = machine.call_async("Echo.sleep", 0.5)
+    assert slow.running() and not slow.done()
+    assert slow.cancel() is False and not slow.cancelled()
+    seen = []
+    slow.add_done_callback(lambda f: seen.append(("before", f.result())))
+    waiter = threading.Thread(target=lambda: seen.append(("waiter", slow.result(timeout=30))))
+    waiter.start()   # a thread blocked in result() must be woken by the reply
+    futs = [machine.call_async("Echo.add", i, 1) for i in range(50)]
+    done, not_done = concurrent.futures.wait(futs + [slow], timeout=30)
+    assert not not_done
+    assert sorted(f.result() for f in concurrent.futures.as_completed(futs, timeout=30)) == \
+        list(range(1, 51))
+    waiter.join(30)
+    slow.add_done_callback(lambda f: seen.append(("after", f.exception())))
+    assert sorted(seen, key=str) == [("after", None), ("before", 0.5), ("waiter", 0.5)]
+    bad = machine.call_async("Echo.fail", "mux boom")
+    assert isinstance(bad.exception(timeout=30), ValueError)
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        bad.set_result(1)   # completed once, by the channel
 
 
 def test_acall_in_asyncio(machine):

@@ -206,28 +206,27 @@ def test_machines_listen_only_with_tls(sshd):
         assert m.call("Echo.echo", "still fine") == "still fine"
 
 
-def test_first_session_does_not_wait_for_a_delayed_ack(sshd):
+def test_ssh_connections_acknowledge_reads_at_once(sshd):
     # Until its first session starts sshd sends with Nagle on, and after authentication it
     # writes two small packets in a row: without quick ACKs from bigmp's side the
-    # channel-open confirmation waits 40 ms for Linux's delayed ACK (about 1 ms with).
+    # channel-open confirmation waits 40 ms for Linux's delayed ACK. The time itself is
+    # benchmark 7a's to show (no timed assertions here); this checks the mechanism is on
+    # the connection a launch uses, and that sessions on it work.
     from bigmp import config
     from bigmp.systems import ssh
     if ssh._TCP_QUICKACK is None:
         pytest.skip("no TCP_QUICKACK on this platform")
     system = ssh.SSHSystem(config.resolve(**sshd.options(n_hosts=1)))
-    best = 1.0
-    for _ in range(3):
-        client = system.hosts[0]._connect()
-        try:
-            assert isinstance(client.get_transport().sock, ssh._QuickAckSocket)
-            t0 = time.perf_counter()
-            chan = client.get_transport().open_session(timeout=10)
-            best = min(best, time.perf_counter() - t0)
-            chan.exec_command("true")
-            assert chan.recv_exit_status() == 0
-        finally:
-            client.close()
-    assert best < 0.03, f"opening a session took {best * 1000:.0f} ms"
+    client = system.hosts[0]._connect()
+    try:
+        sock = client.get_transport().sock
+        assert isinstance(sock, ssh._QuickAckSocket)
+        chan = client.get_transport().open_session(timeout=10)
+        assert sock.getsockopt(socket.IPPROTO_TCP, ssh._TCP_QUICKACK) == 1
+        chan.exec_command("true")
+        assert chan.recv_exit_status() == 0
+    finally:
+        client.close()
 
 
 def test_bundle_follows_new_local_modules(tmp_path, monkeypatch):
