@@ -19,6 +19,7 @@ import os
 import queue
 import threading
 import types
+from _thread import RLock as _RLock
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import FINISHED as _FINISHED, RUNNING as _RUNNING
 from multiprocessing import managers as _mpm
@@ -33,6 +34,8 @@ log = logging.getLogger("bigmp.mux")
 __all__ = ["MuxChannel", "serve"]
 
 _MAX_WORKERS = 256
+_Condition = threading.Condition
+_BATCH = 1024      # plain calls (or replies) pickled together in one frame, at most
 try:
     from .stats import _now      # the clock the statistics use
 except ImportError:              # pragma: no cover
@@ -50,6 +53,13 @@ class _Sizes:
         self.nrecv, self.nsent, self.last_recv = received, sent, received
 
 
+def _shares(total: int, n: int) -> list:
+    """``total`` bytes of one batch frame split over its ``n`` calls, the same way on both
+    ends (so the driver's and the machine's statistics agree)."""
+    q, r = divmod(total, n)
+    return [q + (i < r) for i in range(n)]
+
+
 class _Workers:
     """Threads that run requests; one more is started whenever none is idle."""
 
@@ -58,22 +68,27 @@ class _Workers:
         self.jobs: "queue.SimpleQueue" = queue.SimpleQueue()
         self.send_lock = threading.Lock()    # encoding and the reply queue
         self.flush_lock = threading.Lock()   # one writer at a time on the socket
-        self.out: list = []
+        self.out: list = []                  # encoded reply frames
         self.out_size = 0
+        self.batch: list = []                # plain replies, pickled together at flush
         self.idle = 0
         self.count = 0
         self.lock = threading.Lock()
         self.closed = False
 
-    def submit(self, request) -> None:
+    def submit(self, jobs: list) -> None:
+        spawn = 0
         with self.lock:
-            spawn = self.idle == 0 and self.count < _MAX_WORKERS
-            if spawn:
-                self.count += 1
-            else:
-                self.idle -= 1
-        self.jobs.put(request)
-        if spawn:
+            for _ in jobs:
+                if self.idle == 0 and self.count < _MAX_WORKERS:
+                    self.count += 1
+                    spawn += 1
+                else:
+                    self.idle -= 1
+        put = self.jobs.put
+        for job in jobs:
+            put(job)
+        for _ in range(spawn):
             threading.Thread(target=self._work, daemon=True,
                              name=f"bigmp-mux-{self.count}").start()
 
@@ -97,7 +112,11 @@ class _Workers:
         with self.flush_lock:
             with self.send_lock:
                 parts, size = self.out, self.out_size
-                self.out, self.out_size = [], 0
+                batch = self.batch
+                self.out, self.out_size, self.batch = [], 0, []
+            if batch:
+                more, n = self._encode_batch(batch)
+                parts, size = parts + more, size + n
             if not parts:
                 return True
             try:
@@ -105,6 +124,34 @@ class _Workers:
                 return True
             except (EOFError, OSError):
                 return False
+
+    def _encode_batch(self, batch: list) -> tuple:
+        """Plain replies in frames of up to _BATCH (one pickle each); their statistics,
+        each call counted an equal share of its frame, are recorded here."""
+        conn, server, stats = self.conn, self.server, self.server.stats
+        parts: list = []
+        total = 0
+        for i in range(0, len(batch), _BATCH):
+            chunk = batch[i:i + _BATCH]
+            try:
+                frame, sent = conn.encode_plain([b[0] for b in chunk])
+            except Exception as exc:    # too large for max_frame: each reply on its own
+                frame, sent = [], 0
+                for b in chunk:
+                    try:
+                        one, n = conn.encode_plain(b[0])
+                    except Exception:
+                        one, n = conn.encode((b[0][0], "#ERROR",
+                                              pack_exception(exc, server.name)))
+                    frame += one
+                    sent += n
+            parts += frame
+            total += sent
+            if stats is not None:
+                now = _now()
+                for (_, request, msg, dt, req), rep in zip(chunk, _shares(sent, len(chunk))):
+                    stats.served(server, _Sizes(req, rep), request, msg, (now - dt, 0, 0))
+        return parts, total
 
     def _run(self, server, conn, job) -> None:
         request, request_bytes = job
@@ -117,23 +164,28 @@ class _Workers:
                 f"{request[1]}.{request[2]} returned a generator: streamed results need "
                 "call(), not call_async()"), server.name))
         reply = (call_id,) + tuple(msg)
-        encode = conn.encode_plain if type(msg[1]) in _PLAIN else conn.encode
-        try:
+        if type(msg[1]) in _PLAIN:
+            # Pickled with the other plain replies of this flush, in one frame.
             with self.send_lock:
-                parts, sent = encode(reply)
-                self.out.extend(parts)
-                self.out_size += sent
-        except Exception as exc:   # the result could not be pickled
-            msg = ("#ERROR", pack_exception(exc, server.name))
+                self.batch.append((reply, request[1:], msg, _now() - t0, request_bytes))
+            sent = None
+        else:
             try:
                 with self.send_lock:
-                    parts, sent = conn.encode((call_id,) + msg)
+                    parts, sent = conn.encode(reply)
                     self.out.extend(parts)
                     self.out_size += sent
-            except Exception:
-                return
+            except Exception as exc:   # the result could not be pickled
+                msg = ("#ERROR", pack_exception(exc, server.name))
+                try:
+                    with self.send_lock:
+                        parts, sent = conn.encode((call_id,) + msg)
+                        self.out.extend(parts)
+                        self.out_size += sent
+                except Exception:
+                    return
         stats = server.stats
-        if stats is not None:
+        if stats is not None and sent is not None:
             stats.served(server, _Sizes(request_bytes, sent), request[1:], msg, (t0, 0, 0))
         after = server._local.after
         if after:
@@ -149,7 +201,8 @@ class _Workers:
 
 
 def serve(server, conn) -> None:
-    """Serve a mux connection until it closes (runs in the connection's thread)."""
+    """Serve a mux connection until it closes (runs in the connection's thread). A frame
+    holds one request, or a list of plain ones (see MuxChannel.flush)."""
     workers = _Workers(server, conn)
     stopping = server.stop_event.is_set
     try:
@@ -158,7 +211,10 @@ def serve(server, conn) -> None:
                 request = conn.recv()
             except (EOFError, OSError):
                 return
-            workers.submit((request, conn.last_recv))
+            if type(request) is list:
+                workers.submit(list(zip(request, _shares(conn.last_recv, len(request)))))
+            else:
+                workers.submit([(request, conn.last_recv)])
     finally:
         workers.close()
 
@@ -200,9 +256,14 @@ class _Reader:
                     os.read(self.wake_r, 4096)
                     continue
                 try:
-                    ch.conn.read_some()
-                    while ch.conn.frame_ready():
-                        ch.deliver(ch.conn.recv())
+                    conn = ch.conn
+                    conn.read_some()
+                    while conn.frame_ready():
+                        reply = conn.recv()
+                        if type(reply) is list:
+                            ch.deliver_batch(reply, conn.last_recv)
+                        else:
+                            ch.deliver(reply, conn.last_recv)
                 except BaseException as exc:
                     try:
                         self.sel.unregister(key.fd)
@@ -218,20 +279,27 @@ class _Writer:
         import collections
         self.cond = threading.Condition()
         self.ready: "collections.deque" = collections.deque()
+        self.sleeping = False
         threading.Thread(target=self._run, daemon=True, name="bigmp-mux-writer").start()
 
     def schedule(self, channel: "MuxChannel") -> None:
-        with self.cond:
-            self.ready.append(channel)
-            self.cond.notify()
+        self.ready.append(channel)
+        # Only a sleeping writer needs a wake-up: a busy one finds the channel in `ready`
+        # (it sets `sleeping` and then looks at `ready` under the lock).
+        if self.sleeping:
+            with self.cond:
+                self.cond.notify()
 
     def _run(self) -> None:
+        ready = self.ready
         while True:
             with self.cond:
-                while not self.ready:
+                while not ready:
+                    self.sleeping = True
                     self.cond.wait()
-                channel = self.ready.popleft()
-            channel.flush()
+                self.sleeping = False
+            while ready:
+                ready.popleft().flush()
 
 
 _reader: "PerProcess[_Reader]" = PerProcess(_Reader)
@@ -246,7 +314,7 @@ class CallFuture(Future):
     nobody waits (most calls: ~0.7 us of the ~10 us a call costs the driver)."""
 
     def __init__(self):
-        self._condition = threading.Condition()
+        self._condition = _Condition(_RLock())   # what Future() makes, without a call
         self._state = _RUNNING
         self._result = None
         self._exception = None
@@ -255,7 +323,7 @@ class CallFuture(Future):
 
     def set_result(self, result: Any) -> None:
         cond = self._condition
-        with cond:
+        with cond._lock:   # the Condition's own (C) lock: no Python-level __enter__
             if self._state != _RUNNING:
                 raise InvalidStateError(f"{self._state}: {self!r}")
             self._result = result
@@ -280,38 +348,57 @@ class MuxChannel:
         self.dead: Optional[BaseException] = None
         self.out: list = []          # encoded frames waiting for the writer thread
         self.out_size = 0
+        self.batch: list = []        # plain requests, pickled together by the writer
         self.scheduled = False
         _the_reader().add(self)
 
     def flush(self) -> None:
-        """Write what is queued (in the writer thread)."""
+        """Write what is queued (in the writer thread): encoded frames as they are, plain
+        requests pickled together, up to _BATCH a frame (one dumps, one loads)."""
         with self.send_lock:
-            parts, size = self.out, self.out_size
-            self.out, self.out_size, self.scheduled = [], 0, False
-        if not parts:
-            return
+            parts, size, batch = self.out, self.out_size, self.batch
+            self.out, self.out_size, self.batch, self.scheduled = [], 0, [], False
         try:
-            self.conn.send_encoded(parts, size)
+            for i in range(0, len(batch), _BATCH):
+                chunk = batch[i:i + _BATCH]
+                try:
+                    frame, sent = self.conn.encode_plain(chunk)
+                except Exception as exc:     # longer than max_frame: fail these calls
+                    for req in chunk:
+                        entry = self.pending.pop(req[0], None)
+                        if entry is not None:
+                            entry[0].set_exception(exc)
+                    continue
+                parts += frame
+                size += sent
+                pending = self.pending
+                for req, share in zip(chunk, _shares(sent, len(chunk))):
+                    entry = pending.get(req[0])
+                    if entry is not None:
+                        entry[3] = share
+            if parts:
+                self.conn.send_encoded(parts, size)
         except BaseException as exc:
             self.fail_later(exc)
 
     def submit(self, method: str, service: str, name: str, args: tuple, kwargs: dict,
                plain: bool = False) -> "Future[Any]":
         """Send one call (``method`` is ``service.name``); ``plain``: its arguments are
-        only wire.PLAIN scalars."""
+        only wire.PLAIN scalars, so the writer pickles it with the others queued."""
         fut = CallFuture()
         call_id = next(self.ids)
         entry = [fut, method, _now(), 0]
         self.pending[call_id] = entry
-        conn = self.conn
         try:
             with self.send_lock:
                 if self.dead is not None:
                     raise self.dead
-                parts, entry[3] = (conn.encode_plain if plain else conn.encode)(
-                    (call_id, service, name, args, kwargs))
-                self.out.extend(parts)
-                self.out_size += entry[3]
+                if plain:
+                    self.batch.append((call_id, service, name, args, kwargs))
+                else:
+                    parts, entry[3] = self.conn.encode((call_id, service, name, args, kwargs))
+                    self.out.extend(parts)
+                    self.out_size += entry[3]
                 schedule = not self.scheduled
                 self.scheduled = True
             if schedule:
@@ -325,20 +412,39 @@ class MuxChannel:
             fut.set_exception(exc)
         return fut
 
-    def deliver(self, reply) -> None:
+    def deliver(self, reply, size: int) -> None:
         """Complete the Future of one reply (in the reader thread)."""
-        call_id, kind, result = reply
-        entry = self.pending.pop(call_id, None)
-        if entry is None:
-            return
-        stats = self.machine._b.stats
-        if stats is not None:
-            stats.record(self.machine.name, entry[1], _now() - entry[2],
-                         kind != "#RETURN", entry[3], self.conn.last_recv)
-        if kind == "#RETURN":
-            entry[0].set_result(result)
-        else:
-            entry[0].set_exception(_mpm.convert_to_error(kind, result))
+        self.deliver_batch((reply,), size)
+
+    def deliver_batch(self, replies, size: int) -> None:
+        """Complete the Futures of one frame's replies (in the reader thread); their
+        statistics are summed per method first, then recorded once per method."""
+        pending, stats = self.pending, self.machine._b.stats
+        now = _now()
+        sums: Dict[str, list] = {}
+        for (call_id, kind, result), share in zip(replies, _shares(size, len(replies))):
+            entry = pending.pop(call_id, None)
+            if entry is None:
+                continue
+            if stats is not None:
+                dt = now - entry[2]
+                acc = sums.get(entry[1])
+                if acc is None:
+                    acc = sums[entry[1]] = [0, 0, 0.0, 0.0, 0, 0]
+                acc[0] += 1
+                acc[2] += dt
+                if dt > acc[3]:
+                    acc[3] = dt
+                acc[4] += entry[3]
+                acc[5] += share
+            if kind == "#RETURN":
+                entry[0].set_result(result)
+            else:
+                if stats is not None:
+                    acc[1] += 1
+                entry[0].set_exception(_mpm.convert_to_error(kind, result))
+        if sums:
+            stats.record_sums(self.machine.name, sums)
 
     def fail_later(self, exc: BaseException) -> None:
         """Fail this channel in a thread of its own: deciding whether the machine is lost

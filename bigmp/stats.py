@@ -52,23 +52,26 @@ class Stats:
     def record(self, scope: str, method: str, seconds: float, error: bool,
                request_bytes: int = 0, reply_bytes: int = 0) -> None:
         """Count one call of ``method`` (on ``scope``: a machine name, or "" when served)."""
-        key = (scope, method)
-        rec = self._table.get(key)
-        if rec is None:
-            rec = self._add(key)
-        lock = self._lock
-        lock.acquire()
-        try:
-            rec[0] += 1
-            if error:
-                rec[1] += 1
-            rec[2] += seconds
-            if seconds > rec[3]:
-                rec[3] = seconds
-            rec[4] += request_bytes
-            rec[5] += reply_bytes
-        finally:
-            lock.release()
+        self.record_sums(scope, {method: [1, int(error), seconds, seconds, request_bytes,
+                                          reply_bytes]})
+
+    def record_sums(self, scope: str, sums: Dict[str, list]) -> None:
+        """Count many calls at once: ``sums`` maps a method to [count, errors, total
+        seconds, max seconds, request bytes, reply bytes] of its calls."""
+        table, lock = self._table, self._lock
+        for method, s in sums.items():
+            key = (scope, method)
+            rec = table.get(key)
+            if rec is None:
+                rec = self._add(key)
+            with lock:
+                rec[0] += s[0]
+                rec[1] += s[1]
+                rec[2] += s[2]
+                if s[3] > rec[3]:
+                    rec[3] = s[3]
+                rec[4] += s[4]
+                rec[5] += s[5]
 
     def _add(self, key: tuple) -> list:
         with self._lock:
