@@ -19,13 +19,12 @@ import os
 import queue
 import threading
 import types
-from _thread import RLock as _RLock
-from concurrent.futures import Future, InvalidStateError
-from concurrent.futures._base import FINISHED as _FINISHED, RUNNING as _RUNNING
+from concurrent.futures import Future
 from multiprocessing import managers as _mpm
 from typing import Any, Dict, Optional
 
 from .errors import pack_exception
+from .futures import CallFuture
 from .wire import PLAIN as _PLAIN
 from .perprocess import PerProcess
 
@@ -34,7 +33,6 @@ log = logging.getLogger("bigmp.mux")
 __all__ = ["MuxChannel", "serve"]
 
 _MAX_WORKERS = 256
-_Condition = threading.Condition
 _BATCH = 1024      # plain calls (or replies) pickled together in one frame, at most
 try:
     from .stats import _now      # the clock the statistics use
@@ -307,42 +305,13 @@ _writer: "PerProcess[_Writer]" = PerProcess(_Writer)
 _the_reader, _the_writer = _reader.get, _writer.get
 
 
-class CallFuture(Future):
-    """The Future of one mux call. It is born RUNNING: its request is on its way, so,
-    like an executor's running task, it can no longer be cancelled. Only the reader
-    thread completes it, once; set_result skips the notify and callback loops when
-    nobody waits (most calls: ~0.7 us of the ~10 us a call costs the driver)."""
-
-    def __init__(self):
-        self._condition = _Condition(_RLock())   # what Future() makes, without a call
-        self._state = _RUNNING
-        self._result = None
-        self._exception = None
-        self._waiters: list = []
-        self._done_callbacks: list = []
-
-    def set_result(self, result: Any) -> None:
-        cond = self._condition
-        with cond._lock:   # the Condition's own (C) lock: no Python-level __enter__
-            if self._state != _RUNNING:
-                raise InvalidStateError(f"{self._state}: {self!r}")
-            self._result = result
-            self._state = _FINISHED
-            for waiter in self._waiters:
-                waiter.add_result(self)
-            if cond._waiters:
-                cond.notify_all()
-        if self._done_callbacks:
-            self._invoke_callbacks()
-
-
 class MuxChannel:
     """One mux connection to a machine: send requests, complete Futures as replies come."""
 
     def __init__(self, machine, conn):
         self.machine = machine
         self.conn = conn
-        self.pending: Dict[int, list] = {}   # id -> [future, method, t0, request bytes]
+        self.pending: Dict[int, CallFuture] = {}   # call id -> its Future
         self.ids = itertools.count()
         self.send_lock = threading.Lock()
         self.dead: Optional[BaseException] = None
@@ -365,17 +334,17 @@ class MuxChannel:
                     frame, sent = self.conn.encode_plain(chunk)
                 except Exception as exc:     # longer than max_frame: fail these calls
                     for req in chunk:
-                        entry = self.pending.pop(req[0], None)
-                        if entry is not None:
-                            entry[0].set_exception(exc)
+                        fut = self.pending.pop(req[0], None)
+                        if fut is not None:
+                            fut.set_exception(exc)
                     continue
                 parts += frame
                 size += sent
                 pending = self.pending
                 for req, share in zip(chunk, _shares(sent, len(chunk))):
-                    entry = pending.get(req[0])
-                    if entry is not None:
-                        entry[3] = share
+                    fut = pending.get(req[0])
+                    if fut is not None:
+                        fut.request_bytes = share
             if parts:
                 self.conn.send_encoded(parts, size)
         except BaseException as exc:
@@ -385,10 +354,9 @@ class MuxChannel:
                plain: bool = False) -> "Future[Any]":
         """Send one call (``method`` is ``service.name``); ``plain``: its arguments are
         only wire.PLAIN scalars, so the writer pickles it with the others queued."""
-        fut = CallFuture()
+        fut = CallFuture(method, _now())
         call_id = next(self.ids)
-        entry = [fut, method, _now(), 0]
-        self.pending[call_id] = entry
+        self.pending[call_id] = fut
         try:
             with self.send_lock:
                 if self.dead is not None:
@@ -396,9 +364,10 @@ class MuxChannel:
                 if plain:
                     self.batch.append((call_id, service, name, args, kwargs))
                 else:
-                    parts, entry[3] = self.conn.encode((call_id, service, name, args, kwargs))
+                    parts, fut.request_bytes = self.conn.encode(
+                        (call_id, service, name, args, kwargs))
                     self.out.extend(parts)
-                    self.out_size += entry[3]
+                    self.out_size += fut.request_bytes
                 schedule = not self.scheduled
                 self.scheduled = True
             if schedule:
@@ -423,26 +392,26 @@ class MuxChannel:
         now = _now()
         sums: Dict[str, list] = {}
         for (call_id, kind, result), share in zip(replies, _shares(size, len(replies))):
-            entry = pending.pop(call_id, None)
-            if entry is None:
+            fut = pending.pop(call_id, None)
+            if fut is None:
                 continue
             if stats is not None:
-                dt = now - entry[2]
-                acc = sums.get(entry[1])
+                dt = now - fut.t0
+                acc = sums.get(fut.method)
                 if acc is None:
-                    acc = sums[entry[1]] = [0, 0, 0.0, 0.0, 0, 0]
+                    acc = sums[fut.method] = [0, 0, 0.0, 0.0, 0, 0]
                 acc[0] += 1
                 acc[2] += dt
                 if dt > acc[3]:
                     acc[3] = dt
-                acc[4] += entry[3]
+                acc[4] += fut.request_bytes
                 acc[5] += share
             if kind == "#RETURN":
-                entry[0].set_result(result)
+                fut.set_result(result)
             else:
                 if stats is not None:
                     acc[1] += 1
-                entry[0].set_exception(_mpm.convert_to_error(kind, result))
+                fut.set_exception(_mpm.convert_to_error(kind, result))
         if sums:
             stats.record_sums(self.machine.name, sums)
 
@@ -461,11 +430,11 @@ class MuxChannel:
             else exc
         while self.pending:
             try:
-                _, entry = self.pending.popitem()
+                _, fut = self.pending.popitem()
             except KeyError:
                 break
-            if not entry[0].done():
-                entry[0].set_exception(err)
+            if not fut.done():
+                fut.set_exception(err)
         try:
             self.conn.close()
         except OSError:

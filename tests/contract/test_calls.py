@@ -54,6 +54,8 @@ def test_call_async_futures_behave_as_running_executor_futures(machine):
     wait_until(lambda: machine._mux is not None, 30)     # later calls ride on it
     slow = machine.call_async("Echo.sleep", 0.5)
     assert slow.running() and not slow.done()
+    with pytest.raises(concurrent.futures.TimeoutError):
+        slow.result(timeout=0.01)
     assert slow.cancel() is False and not slow.cancelled()
     seen = []
     slow.add_done_callback(lambda f: seen.append(("before", f.result())))
@@ -71,6 +73,32 @@ def test_call_async_futures_behave_as_running_executor_futures(machine):
     assert isinstance(bad.exception(timeout=30), ValueError)
     with pytest.raises(concurrent.futures.InvalidStateError):
         bad.set_result(1)   # completed once, by the channel
+
+
+def test_waiting_on_call_futures_beside_stdlib_futures_from_many_threads(machine):
+    """concurrent.futures.wait takes each future's lock in one global order: mixing bigmp
+    call futures and executor futures, waited on from several threads at once, must not
+    deadlock (pytest-timeout fails this test if it does)."""
+    machine.call_async("Echo.noop").result(timeout=30)
+    wait_until(lambda: machine._mux is not None, 30)
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        for _ in range(20):
+            mixed = [machine.call_async("Echo.add", i, 1) if i % 2 else ex.submit(abs, -i)
+                     for i in range(40)]
+            results = []
+
+            def waiter(fs):
+                done, _ = concurrent.futures.wait(fs, timeout=30)
+                results.append(len(done))
+
+            threads = [threading.Thread(target=waiter, args=(mixed[k:] + mixed[:k],))
+                       for k in (0, 13, 27)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert results == [40, 40, 40]
+            assert [f.result() for f in mixed] == [i + 1 if i % 2 else i for i in range(40)]
 
 
 def test_acall_in_asyncio(machine):
