@@ -236,6 +236,9 @@ class BigServer(_mpm.Server):
                     after.clear()
                     for fn in fns:
                         fn()
+                # Hold nothing of this call while waiting for the next: its large buffers
+                # may then be reused (bigmp.buffers).
+                request = msg = stream = demux = None
         finally:
             hook = self.on_connection_closed
             if hook is not None:

@@ -27,7 +27,7 @@ from typing import Any, List, Optional
 
 import cloudpickle
 
-from . import config
+from . import buffers, config
 
 __all__ = ["BigConnection", "TLSConnection", "FrameTooLarge", "dumps", "loads", "OOB_MIN"]
 
@@ -66,70 +66,6 @@ def loads(data: Any) -> Any:
 
 def _bytes_from(buf) -> bytes:
     return buf if type(buf) is bytes else bytes(buf)
-
-
-def _fresh_bytes(n: int):
-    """(a new, uninitialised ``bytes`` of size n, a writable view of it) on CPython.
-
-    Reading a large payload straight into the ``bytes`` object the caller will get saves
-    a copy of it. Nobody else holds the object until we return it, so filling it in is
-    safe; elsewhere than CPython this returns a bytearray instead.
-    """
-    if _PyBytes_FromStringAndSize is None:
-        data = bytearray(n)
-        return data, memoryview(data)
-    obj = _PyBytes_FromStringAndSize(None, n)
-    addr = id(obj) + _BYTES_OFFSET
-    if n >= _POPULATE_MIN:
-        _populate(addr, n)
-    return obj, memoryview((ctypes.c_char * n).from_address(addr)).cast("B")
-
-
-def _fresh_bytearray(n: int):
-    """(a new zeroed bytearray of size n, a view of it), its pages faulted in at once."""
-    data = bytearray(n)
-    view = memoryview(data)
-    if n >= _POPULATE_MIN and _madvise is not None:
-        _populate(ctypes.addressof(ctypes.c_char.from_buffer(view)), n)
-    return data, view
-
-
-_POPULATE_MIN = 1 << 20
-_MADV_POPULATE_WRITE = 23   # Linux 5.14+
-
-
-def _populate(addr: int, n: int) -> None:
-    """Fault in the pages of a fresh receive buffer with one madvise(MADV_POPULATE_WRITE)
-    instead of one page fault per 4 KiB as the socket read first touches them (100 MiB:
-    ~31 -> ~22 ms here). Only whole pages inside [addr, addr+n) are touched. Huge pages
-    are not asked for: on VMs that hand free 2 MiB blocks back to the host, a huge-page
-    buffer taken after a few idle seconds costs ~160 ms instead of ~25 (measured)."""
-    global _madvise
-    if _madvise is None:
-        return
-    start = (addr + 4095) & ~4095
-    end = (addr + n) & ~4095
-    if end > start and _madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
-        _madvise = None     # older kernel (EINVAL): plain page faults from now on
-
-
-try:
-    import ctypes
-    import platform as _platform
-    if _platform.python_implementation() != "CPython":
-        raise ImportError
-    _PyBytes_FromStringAndSize = ctypes.pythonapi.PyBytes_FromStringAndSize
-    _PyBytes_FromStringAndSize.restype = ctypes.py_object
-    _PyBytes_FromStringAndSize.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
-    _BYTES_OFFSET = bytes.__basicsize__ - 1   # ob_sval, after the header
-except Exception:   # pragma: no cover - other interpreters
-    _PyBytes_FromStringAndSize = None
-try:
-    _madvise = ctypes.CDLL(None, use_errno=True).madvise
-    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    _madvise.restype = ctypes.c_int
-except Exception:   # pragma: no cover - no libc madvise
-    _madvise = None
 
 
 class _LargeBytes:
@@ -248,7 +184,6 @@ class BigConnection(_mpc.Connection):
             if pickler is None:
                 pickler = self._pickler = ForkingPickler(buf, 5)
         try:
-            pickler.clear_memo()
             pickler.dump(obj)
         except (pickle.PicklingError, AttributeError, TypeError) as first:
             oob.clear()
@@ -256,7 +191,11 @@ class BigConnection(_mpc.Connection):
                 return cloudpickle.dumps(obj, protocol=5), []
             except Exception as exc:
                 raise first from exc
-        return buf.getbuffer(), list(oob)
+        finally:
+            pickler.clear_memo()   # the memo must not keep the message alive (buffers.keep)
+        found = list(oob)
+        oob.clear()
+        return buf.getbuffer(), found
 
     def enable_oob(self) -> None:
         """Both ends are bigmp: send large buffers out of band from now on."""
@@ -318,7 +257,7 @@ class BigConnection(_mpc.Connection):
             self.nsent += size
             if buffers:
                 # Each length's top bit says "this buffer was a bytes object": the reader
-                # then fills a bytes object directly (see _fresh_bytes).
+                # then fills a bytes object directly (see bigmp.buffers).
                 head = [_HDR.pack(_OOB_MARK), struct.pack("!I", len(buffers) + 1),
                         _Q.pack(len(payload))] + \
                     [_Q.pack(b.nbytes | (_IS_BYTES if type(b.obj) is bytes else 0))
@@ -405,8 +344,9 @@ class BigConnection(_mpc.Connection):
             if self._rpos == self._rend:
                 self._rpos = self._rend = 0
             return self._rview[start:start + n]
-        out, view = _fresh_bytearray(n)
+        out, view = buffers.fresh_bytearray(n)
         self._fill_view(view)
+        buffers.keep(out)   # a pickle's bytes: garbage once loaded, reusable next time
         return out
 
     def _fill_view(self, view: memoryview) -> None:
@@ -493,12 +433,10 @@ class BigConnection(_mpc.Connection):
     def _take_own(self, n: int, as_bytes: bool = False):
         """The next ``n`` bytes in a buffer of their own (it outlives the next read):
         a ``bytes`` object when the sender's was one, else a writable bytearray."""
-        if as_bytes:
-            obj, view = _fresh_bytes(n)
-        else:
-            obj, view = _fresh_bytearray(n)
+        obj, view = buffers.fresh_bytes(n) if as_bytes else buffers.fresh_bytearray(n)
         self._fill_view(view)
         view.release()
+        buffers.keep(obj)
         return obj
 
     def _poll(self, timeout):

@@ -1,0 +1,84 @@
+"""Large receive buffers: reused only when nobody holds them, never changed under a holder."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import bigmp
+from bigmp import buffers
+from tests.conftest import wait_until
+
+SIZE = 3 << 20     # above buffers.POPULATE_MIN: these take the reuse path
+
+
+class Store:
+    def __init__(self):
+        self.kept = []
+
+    def echo(self, x):
+        return x
+
+    def put(self, x):
+        self.kept.append(x)
+        return len(self.kept)
+
+    def get(self, i):
+        return self.kept[i]
+
+
+@pytest.fixture(scope="module")
+def machine():
+    with bigmp.start(system="local") as b:
+        yield b.start(1, services={"Store": Store()})[0]
+
+
+def test_a_result_the_caller_keeps_never_changes(machine):
+    a, b = os.urandom(SIZE), os.urandom(SIZE)
+    first = machine.call("Store.echo", a)
+    second = machine.call("Store.echo", b)
+    assert first == a and second == b and first is not second
+
+
+def test_a_dropped_result_is_filled_again_with_the_next_one(machine):
+    if not buffers._REUSE:
+        pytest.skip("no buffer reuse on this interpreter")
+    a, b = os.urandom(SIZE), os.urandom(SIZE)
+    first = machine.call("Store.echo", a)
+    where = id(first)
+    hash(first)               # its cached hash must not survive the reuse
+    del first
+    second = machine.call("Store.echo", b)
+    assert id(second) == where            # the same memory, no new page faults
+    assert second == b and hash(second) == hash(b)
+    ba = machine.call("Store.echo", bytearray(a))
+    assert type(ba) is bytearray and ba == a   # another type: never handed a bytes
+
+
+def test_arguments_a_service_keeps_are_not_reused(machine):
+    a, b = os.urandom(SIZE), os.urandom(SIZE)
+    n = machine.call("Store.put", a)
+    machine.call("Store.put", b)          # same size: must not land in the kept one
+    assert machine.call("Store.get", n - 1) == a
+    assert machine.call("Store.get", n) == b
+
+
+def test_async_calls_with_large_buffers_keep_their_own_results(machine):
+    datas = [os.urandom(SIZE) for _ in range(4)]
+    futs = [machine.call_async("Store.echo", d) for d in datas]
+    assert [f.result(timeout=60) for f in futs] == datas
+
+
+def test_the_kept_buffer_is_let_go_when_idle(monkeypatch):
+    monkeypatch.setattr(buffers, "SPARE_SECONDS", 0.2)
+    spare = buffers._Spare()
+    monkeypatch.setattr(buffers, "_spare", spare)
+    obj, view = buffers.fresh_bytearray(SIZE)
+    view.release()
+    buffers.keep(obj)
+    if not buffers._REUSE:
+        assert spare.obj is None
+        return
+    assert spare.obj is obj
+    del obj
+    wait_until(lambda: spare.obj is None, 10, what="the spare to expire")
