@@ -51,6 +51,35 @@ class _Sizes:
         self.nrecv, self.nsent, self.last_recv = received, sent, received
 
 
+def _pack_plain(conn, msgs: list) -> tuple:
+    """Frames for plain messages, up to _BATCH pickled together a frame: (parts, bytes,
+    per message its share of its frame's bytes, or the exception that kept it from being
+    sent). A batch that cannot go as one (longer than max_frame) goes message by message,
+    so only a message too large on its own fails."""
+    parts: list = []
+    total = 0
+    shares: list = []
+    for i in range(0, len(msgs), _BATCH):
+        chunk = msgs[i:i + _BATCH]
+        try:
+            frame, sent = conn.encode_plain(chunk)
+        except Exception:
+            for msg in chunk:
+                try:
+                    frame, sent = conn.encode_plain(msg)
+                except Exception as exc:
+                    shares.append(exc)
+                    continue
+                parts += frame
+                total += sent
+                shares.append(sent)
+            continue
+        parts += frame
+        total += sent
+        shares += _shares(sent, len(chunk))
+    return parts, total, shares
+
+
 def _shares(total: int, n: int) -> list:
     """``total`` bytes of one batch frame split over its ``n`` calls, the same way on both
     ends (so the driver's and the machine's statistics agree)."""
@@ -124,31 +153,18 @@ class _Workers:
                 return False
 
     def _encode_batch(self, batch: list) -> tuple:
-        """Plain replies in frames of up to _BATCH (one pickle each); their statistics,
-        each call counted an equal share of its frame, are recorded here."""
+        """Frames for the plain replies queued, and their statistics (see _pack_plain)."""
         conn, server, stats = self.conn, self.server, self.server.stats
-        parts: list = []
-        total = 0
-        for i in range(0, len(batch), _BATCH):
-            chunk = batch[i:i + _BATCH]
-            try:
-                frame, sent = conn.encode_plain([b[0] for b in chunk])
-            except Exception as exc:    # too large for max_frame: each reply on its own
-                frame, sent = [], 0
-                for b in chunk:
-                    try:
-                        one, n = conn.encode_plain(b[0])
-                    except Exception:
-                        one, n = conn.encode((b[0][0], "#ERROR",
-                                              pack_exception(exc, server.name)))
-                    frame += one
-                    sent += n
-            parts += frame
-            total += sent
+        parts, total, shares = _pack_plain(conn, [b[0] for b in batch])
+        now = _now()
+        for (reply, request, msg, dt, req), share in zip(batch, shares):
+            if not isinstance(share, int):   # too large for max_frame: say so instead
+                msg = ("#ERROR", pack_exception(share, server.name))
+                more, share = conn.encode((reply[0],) + msg)
+                parts += more
+                total += share
             if stats is not None:
-                now = _now()
-                for (_, request, msg, dt, req), rep in zip(chunk, _shares(sent, len(chunk))):
-                    stats.served(server, _Sizes(req, rep), request, msg, (now - dt, 0, 0))
+                stats.served(server, _Sizes(req, share), request, msg, (now - dt, 0, 0))
         return parts, total
 
     def _run(self, server, conn, job) -> None:
@@ -328,23 +344,19 @@ class MuxChannel:
             parts, size, batch = self.out, self.out_size, self.batch
             self.out, self.out_size, self.batch, self.scheduled = [], 0, [], False
         try:
-            for i in range(0, len(batch), _BATCH):
-                chunk = batch[i:i + _BATCH]
-                try:
-                    frame, sent = self.conn.encode_plain(chunk)
-                except Exception as exc:     # longer than max_frame: fail these calls
-                    for req in chunk:
-                        fut = self.pending.pop(req[0], None)
-                        if fut is not None:
-                            fut.set_exception(exc)
-                    continue
-                parts += frame
-                size += sent
+            if batch:
+                more, n, shares = _pack_plain(self.conn, batch)
+                parts, size = parts + more, size + n
                 pending = self.pending
-                for req, share in zip(chunk, _shares(sent, len(chunk))):
+                for req, share in zip(batch, shares):
                     fut = pending.get(req[0])
-                    if fut is not None:
+                    if fut is None:
+                        continue
+                    if isinstance(share, int):
                         fut.request_bytes = share
+                    else:                     # longer than max_frame on its own
+                        pending.pop(req[0], None)
+                        fut.set_exception(share)
             if parts:
                 self.conn.send_encoded(parts, size)
         except BaseException as exc:

@@ -20,6 +20,9 @@ class Thing:
     def echo(self, x):
         return x
 
+    def big(self, n):
+        return "y" * n
+
 
 @pytest.fixture
 def server():
@@ -145,6 +148,26 @@ def test_oversized_argument_is_refused_before_sending_and_not_retried():
         with pytest.raises(connection.FrameTooLarge, match="max_frame"):
             m.retry_call("T.echo", b"x" * 200_000, deadline=30)
         assert m.call("T.echo", b"y" * 1000) == b"y" * 1000
+
+
+def test_an_oversized_async_call_or_reply_fails_alone():
+    """Plain async calls (and replies) travel pickled together: one too large for the
+    frame cap must fail by itself, not take the calls batched with it along."""
+    with bigmp.start(max_frame=100_000) as b:
+        m = b.start(1, services={"T": Thing()})[0]
+        m.call("T.echo", 0)      # RUNNING: the next call_async starts dialing the mux
+        wait_until(lambda: m.call_async("T.echo", 0).result(timeout=30) == 0 and
+                   m._mux is not None, 30, what="the mux channel")
+        futs = [m.call_async("T.echo", "x" * 200_000) if i == 5 else
+                m.call_async("T.big", 200_000) if i == 9 else m.call_async("T.echo", i)
+                for i in range(40)]
+        with pytest.raises(connection.FrameTooLarge, match="max_frame"):
+            futs[5].result(timeout=30)
+        with pytest.raises(connection.FrameTooLarge):
+            futs[9].result(timeout=30)
+        assert [f.result(timeout=30) for i, f in enumerate(futs) if i not in (5, 9)] == \
+            [i for i in range(40) if i not in (5, 9)]
+        assert m.call("T.echo", "still fine") == "still fine"
 
 
 def test_deeply_recursive_argument_is_an_error_not_a_crash(server):
