@@ -210,6 +210,75 @@ class SocketEcho:
             self.proc.join()
 
 
+# -- raw TLS echo over TCP loopback (context for case 7) ------------------------------------
+
+def _tls_echo_server(creds, reply):
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    reply.send(srv.getsockname())
+    reply.close()
+    raw, _ = srv.accept()
+    srv.close()
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn = creds.server().wrap_socket(raw, server_side=True)
+    hdr = bytearray(_LEN.size)
+    buf = bytearray()
+    try:
+        while True:
+            _recv_exact_into(conn, memoryview(hdr))
+            n, = _LEN.unpack(hdr)
+            if len(buf) < n:
+                buf = bytearray(n)
+            view = memoryview(buf)[:n]
+            _recv_exact_into(conn, view)
+            conn.sendall(view)
+    except (EOFError, OSError):
+        pass
+    finally:
+        conn.close()
+
+
+class TLSEcho:
+    """A child process echoing length-prefixed blobs over mutual TLS (the ssl module,
+    certificates from a bigmp SessionCA, as bigmp's SSH machines use) on TCP loopback."""
+
+    def __init__(self):
+        from bigmp import tls
+        ca = tls.SessionCA("bench")
+        server, client = ca.issue("server"), ca.issue("client")
+        r, w = FORK.Pipe(duplex=False)
+        self.proc = FORK.Process(target=_tls_echo_server, args=(server, w), daemon=True)
+        self.proc.start()
+        w.close()
+        addr = r.recv()
+        r.close()
+        raw = socket.create_connection(addr)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = client.client().wrap_socket(raw)
+        self.back = bytearray()
+
+    def echo(self, data) -> int:
+        if len(self.back) < len(data):
+            self.back = bytearray(len(data))
+        self.sock.sendall(_LEN.pack(len(data)) + data if len(data) < 65536 else
+                          _LEN.pack(len(data)))
+        if len(data) >= 65536:
+            self.sock.sendall(data)
+        _recv_exact_into(self.sock, memoryview(self.back)[:len(data)])
+        return len(data)
+
+    def call(self, x):
+        return self.echo(x)
+
+    def close(self):
+        self.sock.close()
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
 # -- process start baseline (case 4) -------------------------------------------------------
 
 def _ping_back(w):

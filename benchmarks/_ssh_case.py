@@ -65,32 +65,44 @@ def case_ssh(cfg, row, start_machines, per_call, echo_cls):
             "paramiko exec `python -c pass`", ("abs<=", 0.3), {"cold_cache_s": cold})
         row("7b", "ssh: launch to first call, 8 machines on 4 hosts", "s", big8, base1,
             "paramiko exec `python -c pass`")
+        from _baselines import TLSEcho
         local = bigmp.start(system="local")
         remote = bigmp.start(**one)
+        raw = TLSEcho()
         try:
             lm = start_machines(local, 1)[0]
             rm = start_machines(remote, 1)[0]
             n = cfg["calls"]
             per_call(lambda a: rm.call("Echo.echo", a), 200)
             per_call(lambda a: lm.call("Echo.echo", a), 200)
-            ssh_us, loc_us = [], []
+            small = b"x" * 60
+            per_call(raw.call, 200, small)
+            ssh_us, loc_us, raw_us = [], [], []
             for _ in range(cfg["repeat"]):
                 ssh_us.append(per_call(lambda a: rm.call("Echo.echo", a), n) * 1e6)
                 loc_us.append(per_call(lambda a: lm.call("Echo.echo", a), n) * 1e6)
+                raw_us.append(per_call(raw.call, n, small) * 1e6)
             row("7c", "ssh: small call round trip (TLS)", "us", ssh_us, loc_us,
                 "local m.call (unix socket)")
+            row("7c'", "ssh: small call round trip (TLS)", "us", ssh_us, raw_us,
+                "raw TLS echo, TCP loopback (ssl module)")
             data = os.urandom(cfg["bulk"])
             rm.call("Echo.echo", data)
             lm.call("Echo.echo", data)
-            ssh_mb, loc_mb = [], []
+            raw.echo(data)
+            ssh_mb, loc_mb, raw_mb = [], [], []
             for _ in range(cfg["repeat"]):
-                for m, out in ((rm, ssh_mb), (lm, loc_mb)):
+                for fn, out in ((lambda: rm.call("Echo.echo", data), ssh_mb),
+                                (lambda: lm.call("Echo.echo", data), loc_mb),
+                                (lambda: raw.echo(data), raw_mb)):
                     t0 = now()
-                    m.call("Echo.echo", data)
+                    fn()
                     out.append(len(data) / (now() - t0) / 1e6)
-            row("7d", f"ssh: {cfg['bulk'] >> 20} MiB echo (TLS)", "MB/s", ssh_mb,
-                loc_mb, "local m.call (unix socket)")
+            label = f"ssh: {cfg['bulk'] >> 20} MiB echo (TLS)"
+            row("7d", label, "MB/s", ssh_mb, loc_mb, "local m.call (unix socket)")
+            row("7d'", label, "MB/s", ssh_mb, raw_mb, "raw TLS echo, TCP loopback (ssl module)")
         finally:
+            raw.close()
             remote.shutdown()
             local.shutdown()
     finally:
