@@ -482,18 +482,37 @@ class TLSConnection(BigConnection):
     """A BigConnection over an :class:`ssl.SSLSocket` (remote machines)."""
 
     def __init__(self, sock):
+        import ssl   # loaded already: sock is an SSLSocket (machines without TLS never pay)
         self._sock = sock
+        self._eof = ssl.SSLEOFError
         super().__init__(sock.fileno())
 
+    # Reads and writes go to the SSLSocket's SSL object itself when it has one: the
+    # SSLSocket methods around it (closed checks, flag checks, the sendall loop) cost ~3 us
+    # of a ~17 us round trip. What those wrappers add is kept: a ragged EOF reads as 0.
+
     def _send(self, buf, write=None):
-        self._sock.sendall(buf)
+        ssl_obj = self._sock._sslobj
+        if ssl_obj is None:
+            self._sock.sendall(buf)    # closed (or never wrapped): it raises the right error
+            return
+        view = memoryview(buf).cast("B")
+        sent, n = 0, len(view)
+        while sent < n:
+            sent += ssl_obj.write(view[sent:] if sent else view)
 
     def _sendv(self, parts: List[Any]) -> None:
         for p in parts:
-            self._sock.sendall(p)
+            self._send(p)
 
     def _read_into(self, view: memoryview) -> int:
-        return self._sock.recv_into(view)
+        ssl_obj = self._sock._sslobj
+        if ssl_obj is None:
+            return self._sock.recv_into(view)
+        try:
+            return ssl_obj.read(len(view), view)
+        except self._eof:
+            return 0
 
     def _poll(self, timeout):
         if self._rend > self._rpos or self._sock.pending():
