@@ -45,9 +45,9 @@ class CallFuture(Future):
         self._waiters: list = []
         self._done_callbacks: list = []
         self._event: Optional[threading.Event] = None
-        self.method = method          # "Service.method", for the statistics
-        self.t0 = t0                  # when it was submitted
-        self.request_bytes = 0
+        self._method = method         # "Service.method", for the statistics
+        self._t0 = t0                 # when it was submitted
+        self._request_bytes = 0
 
     def _complete(self, result: Any, exception: Optional[BaseException]) -> None:
         with self._condition:

@@ -353,7 +353,7 @@ class MuxChannel:
                     if fut is None:
                         continue
                     if isinstance(share, int):
-                        fut.request_bytes = share
+                        fut._request_bytes = share
                     else:                     # longer than max_frame on its own
                         pending.pop(req[0], None)
                         fut.set_exception(share)
@@ -376,10 +376,10 @@ class MuxChannel:
                 if plain:
                     self.batch.append((call_id, service, name, args, kwargs))
                 else:
-                    parts, fut.request_bytes = self.conn.encode(
+                    parts, fut._request_bytes = self.conn.encode(
                         (call_id, service, name, args, kwargs))
                     self.out.extend(parts)
-                    self.out_size += fut.request_bytes
+                    self.out_size += fut._request_bytes
                 schedule = not self.scheduled
                 self.scheduled = True
             if schedule:
@@ -408,15 +408,15 @@ class MuxChannel:
             if fut is None:
                 continue
             if stats is not None:
-                dt = now - fut.t0
-                acc = sums.get(fut.method)
+                dt = now - fut._t0
+                acc = sums.get(fut._method)
                 if acc is None:
-                    acc = sums[fut.method] = [0, 0, 0.0, 0.0, 0, 0]
+                    acc = sums[fut._method] = [0, 0, 0.0, 0.0, 0, 0]
                 acc[0] += 1
                 acc[2] += dt
                 if dt > acc[3]:
                     acc[3] = dt
-                acc[4] += fut.request_bytes
+                acc[4] += fut._request_bytes
                 acc[5] += share
             if kind == "#RETURN":
                 fut.set_result(result)
