@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import sys
-import sysconfig
 import threading
 import time
 from typing import Any, Optional, Tuple
@@ -56,8 +55,9 @@ try:
 except Exception:   # pragma: no cover - no libc madvise
     _madvise = None
 
+# sys._is_gil_enabled exists from 3.13 (free-threaded builds can turn the GIL off).
 _REUSE = _PyBytes_FromStringAndSize is not None and \
-    not sysconfig.get_config_var("Py_GIL_DISABLED")
+    getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 def _populate(addr: int, n: int) -> None:

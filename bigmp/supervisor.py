@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional
 import psutil
 
 from . import __version__
-from . import profiling, stats as _stats
+from . import stats as _stats
 
 log = logging.getLogger("bigmp.supervisor")
 
@@ -125,6 +125,7 @@ class Supervisor:
     def profile(self, seconds: float = 10.0, interval: float = 0.01,
                 mode: str = "cpu") -> Dict[str, Any]:
         """Sample every thread of this machine for ``seconds`` (see :mod:`bigmp.profiling`)."""
+        from . import profiling   # on demand: its imports are not every machine's to pay
         return profiling.sample(seconds, interval, mode)
 
     def stats(self, reset: bool = False) -> Dict[str, Any]:

@@ -18,10 +18,14 @@ import datetime
 import hashlib
 import os
 import socket
-import ssl
 import tempfile
 import threading
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
+
+if TYPE_CHECKING:
+    import ssl
+# ssl itself is imported where a context is made: machines without TLS (all local ones)
+# and a driver that never dials TLS do not pay its ~4.5 ms import.
 
 # cryptography is needed by the driver only (to make the CA and issue certificates);
 # machines load what they receive with the ssl module, so they import it lazily.
@@ -48,7 +52,8 @@ class Credentials:
     def __init__(self, cert: bytes, key: bytes, ca: bytes):
         self.cert, self.key, self.ca = cert, key, ca
 
-    def _load(self, ctx: ssl.SSLContext) -> ssl.SSLContext:
+    def _load(self, ctx: "ssl.SSLContext") -> "ssl.SSLContext":
+        import ssl
         # load_cert_chain wants files: write them 0600 in a 0700 directory, load, delete.
         d = tempfile.mkdtemp(prefix="bigmp-tls-")
         try:
@@ -67,12 +72,14 @@ class Credentials:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         return ctx
 
-    def client(self) -> ssl.SSLContext:
+    def client(self) -> "ssl.SSLContext":
+        import ssl
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False   # membership is proven by the session CA's signature
         return self._load(ctx)
 
-    def server(self) -> ssl.SSLContext:
+    def server(self) -> "ssl.SSLContext":
+        import ssl
         return self._load(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
 
     def as_dict(self) -> Dict[str, bytes]:
