@@ -9,11 +9,11 @@ touches it (~31 ms here), more than the copy itself, so:
   ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14+; ~22 ms for 100 MiB). Huge pages are not
   asked for: on VMs that hand free 2 MiB blocks back to the host, a huge-page buffer
   taken after a few idle seconds costs ~160 ms instead of ~25 ms (measured);
-* **reuse**: the process keeps the last large buffer it received (one, at most
-  ``SPARE_MAX`` bytes, for ``SPARE_SECONDS`` after its last use). When the next large
-  buffer of the same size and type arrives and nobody else refers to the kept one any
-  more (its reference count says so: the program dropped it), it is filled again instead
-  of a new one being faulted in. Repeated transfers of one size (an echo, chunks of an
+* **reuse**: the process keeps the last two large buffers it received (at most
+  ``SPARE_MAX`` bytes in all, for ``SPARE_SECONDS`` after the last use). When the next
+  large buffer of the same size and type arrives and nobody else refers to a kept one
+  any more (its reference count says so: the program dropped it), that one is filled
+  again instead of a new one being faulted in. Repeated transfers of one size (an echo, chunks of an
   array) then cost a copy, like a raw socket reading into a reused buffer. An object
   still referenced anywhere is never touched; a reused ``bytes`` has its cached hash
   reset. Reuse is off on builds without the GIL (their reference counts are not exact).
@@ -29,7 +29,8 @@ from typing import Any, Optional, Tuple
 __all__ = ["fresh_bytes", "fresh_bytearray", "keep", "POPULATE_MIN"]
 
 POPULATE_MIN = 1 << 20       # smaller buffers come from malloc's heap, already mapped
-SPARE_MAX = 1 << 30
+SPARE_MAX = 1 << 30          # bytes kept at most, in all
+SPARE_COUNT = 2
 SPARE_SECONDS = 2.0
 _MADV_POPULATE_WRITE = 23    # Linux 5.14+
 
@@ -113,11 +114,14 @@ def keep(obj: Any) -> None:
 
 
 class _Spare:
-    """The one kept buffer of this process, dropped ``SPARE_SECONDS`` after its last use."""
+    """The kept buffers of this process: the last ``SPARE_COUNT`` received (two, so that
+    ``r = m.call(...)`` in a loop, which still holds the previous result while the next
+    arrives, finds the one before it free), at most ``SPARE_MAX`` bytes in all, dropped
+    ``SPARE_SECONDS`` after the last use."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.obj: Any = None
+        self.kept: list = []
         self.used = 0.0
         self.timer: Optional[threading.Timer] = None
         self.pid = os.getpid()
@@ -126,18 +130,24 @@ class _Spare:
         if not _REUSE or (kind is bytes and _HASH_OFFSET is None):
             return None
         with self.lock:
-            obj = self.obj
-            if obj is None or type(obj) is not kind or len(obj) != n:
-                return None
-            self.obj = None
-        # Referenced from here (and getrefcount's argument) only: nobody can see it change.
-        return obj if sys.getrefcount(obj) == 2 else None
+            kept = self.kept
+            for i in range(len(kept)):     # (enumerate's tuple would hold a reference)
+                obj = kept[i]
+                # Referenced from the list, here and by getrefcount's argument only:
+                # nobody else can see it change.
+                if type(obj) is kind and len(obj) == n and sys.getrefcount(obj) == 3:
+                    del kept[i]
+                    return obj
+            return None
 
     def put(self, obj: Any) -> None:
         with self.lock:
             if self.pid != os.getpid():      # a forked child: the timer stayed behind
                 self.pid, self.timer = os.getpid(), None
-            self.obj = obj
+            kept = self.kept
+            kept.append(obj)
+            while len(kept) > SPARE_COUNT or sum(map(len, kept)) > SPARE_MAX:
+                del kept[0]
             self.used = time.monotonic()
             if self.timer is None:
                 self._arm(SPARE_SECONDS)
@@ -150,11 +160,11 @@ class _Spare:
     def _expire(self) -> None:
         with self.lock:
             self.timer = None
-            if self.obj is None:
+            if not self.kept:
                 return
             idle = time.monotonic() - self.used
             if idle >= SPARE_SECONDS:
-                self.obj = None              # freed now unless the program holds it
+                self.kept = []               # freed now unless the program holds them
             else:
                 self._arm(SPARE_SECONDS - idle)
 
