@@ -103,3 +103,37 @@ def test_the_kept_buffer_is_let_go_when_idle(monkeypatch):
     assert spare.kept == [obj] and spare.kept[0] is obj
     del obj
     wait_until(lambda: spare.kept == [], 10, what="the kept buffer to expire")
+
+
+def test_many_threads_moving_large_buffers_each_keep_exact_results(machine):
+    """Buffers handed out for reuse under concurrency: every result a thread holds stays
+    what it received, whatever the other threads receive meanwhile."""
+    import threading
+    sizes = (SIZE, SIZE + 1, 2 * SIZE)
+    errors = []
+
+    def worker(k):
+        try:
+            held = []
+            for i in range(8):
+                data = os.urandom(sizes[(k + i) % 3])
+                kind = bytearray if i % 2 else bytes
+                out = machine.call("Store.echo", kind(data)) if i % 4 < 2 else \
+                    machine.call_async("Store.echo", kind(data)).result(timeout=60)
+                if out != data or type(out) is not kind:
+                    errors.append(f"thread {k} call {i}: wrong result")
+                if i % 3 == 0:
+                    held.append((out, data))   # kept: must never change under us
+                del out
+            for out, data in held:
+                if out != data:
+                    errors.append(f"thread {k}: a held result changed")
+        except Exception as exc:   # reported below, with the thread's number
+            errors.append(f"thread {k}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
