@@ -123,6 +123,9 @@ def test_machines_call_each_other(session):
     assert a.call("S.forward", b.addr, "Echo.pid") == b.call("Echo.pid")
     d = session.dial(b.addr)
     assert d.call("Echo.echo", 5) == 5
+    # Async calls from one machine to another ride the caller machine's own mux threads.
+    results, muxed = a.call("S.forward_async", b.addr, "Echo.echo", 200)
+    assert results == list(range(200)) and muxed
 
 
 def test_bad_options_are_named():
