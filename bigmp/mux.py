@@ -169,6 +169,10 @@ class _Workers:
 
     def _run(self, server, conn, job) -> None:
         request, request_bytes = job
+        if type(request) is not tuple or len(request) != 5:
+            # No call id to answer: say so here, drop it, keep serving the others.
+            log.warning("%s: dropped a malformed async request: %.200r", server.name, request)
+            return
         call_id = request[0]
         t0 = _now()
         msg, gen, _ = server._dispatch(conn, request[1:], False)

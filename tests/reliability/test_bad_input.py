@@ -128,6 +128,27 @@ def test_truncated_frame_after_auth(machine, figures):
     _measured(machine, figures, "truncated frame after auth", action)
 
 
+def test_malformed_async_requests(machine, figures):
+    """The multiplexed channel: garbage requests, alone or inside a batch frame beside
+    good ones, are dropped (no call id to answer); the good ones are answered."""
+    def action():
+        conn = connection.Client(_addr(machine), authkey=machine._b.authkey)
+        managers.dispatch(conn, None, "accept_mux", ("bad-input",))
+        conn.enable_oob()
+        for bad in (7, None, "x", (), [1, "junk", (2, "P", "echo", ("ok",), {}), 3.5]):
+            conn.send(bad)
+        conn.send((9, "P", "echo", ("last",), {}))
+        got = {}
+        while len(got) < 2:
+            reply = conn.recv()
+            for call_id, kind, value in reply if type(reply) is list else [reply]:
+                got[call_id] = (kind, value)
+        conn.close()
+        assert got == {2: ("#RETURN", "ok"), 9: ("#RETURN", "last")}
+        return "garbage dropped, the two good calls in between answered"
+    _measured(machine, figures, "malformed async (mux) requests", action, repeat=5)
+
+
 @pytest.mark.parametrize("name,header", [
     ("frame length beyond max_frame", struct.pack("!i", 10 ** 9)),
     ("8-byte frame length of 1 TiB", struct.pack("!i", -1) + struct.pack("!Q", 1 << 40)),
