@@ -110,12 +110,8 @@ class MpcEcho:
     """A child process echoing ``multiprocessing.connection`` send/recv objects."""
 
     def __init__(self, cpus=None):
-        r, w = FORK.Pipe(duplex=False)
-        self.proc = FORK.Process(target=_mpc_echo_server, args=(w, cpus), daemon=True)
-        self.proc.start()
-        w.close()
-        self.conn = mpc.Client(r.recv())
-        r.close()
+        self.proc, addr = _serve_in_child(_mpc_echo_server, cpus)
+        self.conn = mpc.Client(addr)
 
     def call(self, x):
         self.conn.send(x)
@@ -141,7 +137,7 @@ def _recv_exact_into(sock, view):
         got += n
 
 
-def _socket_echo_server(family, reply):
+def _socket_echo_server(reply, family):
     srv = socket.socket(family)
     if family == socket.AF_UNIX:
         import tempfile
@@ -158,6 +154,12 @@ def _socket_echo_server(family, reply):
     if family == socket.AF_UNIX:
         os.unlink(addr)
         os.rmdir(os.path.dirname(addr))
+    _echo_until_eof(conn)
+
+
+def _echo_until_eof(conn):
+    """Echo length-prefixed blobs on ``conn`` (a socket or an SSLSocket), one reused
+    buffer, until the peer hangs up."""
     buf = bytearray()
     hdr = bytearray(_LEN.size)
     try:
@@ -179,12 +181,7 @@ class SocketEcho:
     """A child process echoing length-prefixed blobs over a plain socket."""
 
     def __init__(self, family=socket.AF_INET):
-        r, w = FORK.Pipe(duplex=False)
-        self.proc = FORK.Process(target=_socket_echo_server, args=(family, w), daemon=True)
-        self.proc.start()
-        w.close()
-        addr = r.recv()
-        r.close()
+        self.proc, addr = _serve_in_child(_socket_echo_server, family)
         self.sock = socket.socket(family)
         self.sock.connect(addr)
         if family == socket.AF_INET:
@@ -196,8 +193,11 @@ class SocketEcho:
         bytearray each time, as an API that hands the caller a new object must)."""
         if fresh or len(self.back) < len(data):
             self.back = bytearray(len(data))
-        self.sock.sendall(_LEN.pack(len(data)))
-        self.sock.sendall(data)
+        if len(data) < 65536:
+            self.sock.sendall(_LEN.pack(len(data)) + data)   # one segment (one TLS record)
+        else:
+            self.sock.sendall(_LEN.pack(len(data)))
+            self.sock.sendall(data)
         _recv_exact_into(self.sock, memoryview(self.back)[:len(data)])
         return len(data)
 
@@ -212,7 +212,7 @@ class SocketEcho:
 
 # -- raw TLS echo over TCP loopback (context for case 7) ------------------------------------
 
-def _tls_echo_server(creds, reply):
+def _tls_echo_server(reply, creds):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
@@ -221,25 +221,10 @@ def _tls_echo_server(creds, reply):
     raw, _ = srv.accept()
     srv.close()
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    conn = creds.server().wrap_socket(raw, server_side=True)
-    hdr = bytearray(_LEN.size)
-    buf = bytearray()
-    try:
-        while True:
-            _recv_exact_into(conn, memoryview(hdr))
-            n, = _LEN.unpack(hdr)
-            if len(buf) < n:
-                buf = bytearray(n)
-            view = memoryview(buf)[:n]
-            _recv_exact_into(conn, view)
-            conn.sendall(view)
-    except (EOFError, OSError):
-        pass
-    finally:
-        conn.close()
+    _echo_until_eof(creds.server().wrap_socket(raw, server_side=True))
 
 
-class TLSEcho:
+class TLSEcho(SocketEcho):
     """A child process echoing length-prefixed blobs over mutual TLS (the ssl module,
     certificates from a bigmp SessionCA, as bigmp's SSH machines use) on TCP loopback."""
 
@@ -247,36 +232,14 @@ class TLSEcho:
         from bigmp import tls
         ca = tls.SessionCA("bench")
         server, client = ca.issue("server"), ca.issue("client")
-        r, w = FORK.Pipe(duplex=False)
-        self.proc = FORK.Process(target=_tls_echo_server, args=(server, w), daemon=True)
-        self.proc.start()
-        w.close()
-        addr = r.recv()
-        r.close()
+        self.proc, addr = _serve_in_child(_tls_echo_server, server)
         raw = socket.create_connection(addr)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = client.client().wrap_socket(raw)
         self.back = bytearray()
 
-    def echo(self, data) -> int:
-        if len(self.back) < len(data):
-            self.back = bytearray(len(data))
-        self.sock.sendall(_LEN.pack(len(data)) + data if len(data) < 65536 else
-                          _LEN.pack(len(data)))
-        if len(data) >= 65536:
-            self.sock.sendall(data)
-        _recv_exact_into(self.sock, memoryview(self.back)[:len(data)])
-        return len(data)
-
     def call(self, x):
         return self.echo(x)
-
-    def close(self):
-        self.sock.close()
-        self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
 
 
 # -- process start baseline (case 4) -------------------------------------------------------
@@ -322,10 +285,10 @@ def _stop(proc) -> None:
     proc.join(5)
 
 
-def _serve_in_child(target, cpus, timeout=30.0):
-    """Fork ``target(reply, cpus)``; return (process, the address it replied with)."""
+def _serve_in_child(target, *args, timeout=30.0):
+    """Fork ``target(reply, *args)``; return (process, the address it replied with)."""
     r, w = FORK.Pipe(duplex=False)
-    proc = FORK.Process(target=target, args=(w, cpus), daemon=True)
+    proc = FORK.Process(target=target, args=(w,) + args, daemon=True)
     proc.start()
     w.close()
     try:
