@@ -83,6 +83,8 @@ def _pack_plain(conn, msgs: list) -> tuple:
 def _shares(total: int, n: int) -> list:
     """``total`` bytes of one batch frame split over its ``n`` calls, the same way on both
     ends (so the driver's and the machine's statistics agree)."""
+    if n <= 0:
+        return []          # an empty batch (only a broken peer sends one)
     q, r = divmod(total, n)
     return [q + (i < r) for i in range(n)]
 

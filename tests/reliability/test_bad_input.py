@@ -135,7 +135,7 @@ def test_malformed_async_requests(machine, figures):
         conn = connection.Client(_addr(machine), authkey=machine._b.authkey)
         managers.dispatch(conn, None, "accept_mux", ("bad-input",))
         conn.enable_oob()
-        for bad in (7, None, "x", (), [1, "junk", (2, "P", "echo", ("ok",), {}), 3.5]):
+        for bad in (7, None, "x", (), [], [1, "junk", (2, "P", "echo", ("ok",), {}), 3.5]):
             conn.send(bad)
         conn.send((9, "P", "echo", ("last",), {}))
         got = {}
