@@ -33,6 +33,7 @@ class State(enum.IntEnum):
 
 
 _PLAIN = wire.PLAIN
+_RUNNING, _STOPPED = State.RUNNING, State.STOPPED   # the hot paths: an enum lookup is 5x a global
 _methods: Dict[str, tuple] = {}   # "Service.method" -> (service, method), parsed once
 
 
@@ -164,11 +165,19 @@ class Machine:
     # The pool needs no lock: deque.pop/append and set.add/discard are atomic, and a
     # connection taken while the machine stops is caught by the state check after it.
 
+    def _pop_idle(self) -> Optional[connection.BigConnection]:
+        """An idle pooled connection whose peer is still there (cut ones are closed)."""
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                return None
+            if not conn.idle_broken():
+                return conn
+            conn.close()
+
     def _acquire(self, deadline: Optional[float] = None) -> connection.BigConnection:
-        try:
-            conn = self._idle.pop()
-        except IndexError:
-            conn = None
+        conn = self._pop_idle()
         if conn is None:
             timeout = None
             if deadline is not None:   # a call's timeout bounds its dial too (a hung machine)
@@ -176,16 +185,16 @@ class Machine:
                               max(0.001, deadline - time.monotonic()))
             conn = self._dial(timeout)
         self._active.add(conn)
-        if self._state is State.STOPPED:
+        if self._state is _STOPPED:
             self._release(conn, False)
             raise self._stopped_error()
         return conn
 
     def _release(self, conn, reusable: bool) -> None:
         self._active.discard(conn)
-        if reusable and self._state is not State.STOPPED and len(self._idle) < 64:
+        if reusable and self._state is not _STOPPED and len(self._idle) < 64:
             self._idle.append(conn)
-            if self._state is not State.STOPPED:
+            if self._state is not _STOPPED:
                 return
             self._close_idle()   # stopped meanwhile: _close_connections may have missed it
             return
@@ -252,7 +261,7 @@ class Machine:
         bounds the whole call (TimeoutError); a STOPPED machine raises MachineStopped.
         """
         if timeout is None:
-            if self._state is not State.RUNNING:
+            if self._state is not _RUNNING:
                 self._wait_running(None)
             return self._invoke(method, args, kwargs, None)
         deadline = time.monotonic() + timeout
@@ -276,8 +285,13 @@ class Machine:
         try:
             # The common case inline: an idle pooled connection (see _acquire).
             conn = self._idle.pop()
+            if conn.idle_broken():    # cut while idle (machine restarted, link reset)
+                conn.close()
+                conn = self._pop_idle()
+                if conn is None:
+                    raise IndexError
             self._active.add(conn)
-            if self._state is State.STOPPED:
+            if self._state is _STOPPED:
                 self._release(conn, False)
                 raise self._stopped_error()
         except IndexError:
@@ -337,7 +351,7 @@ class Machine:
         calls in flight (:mod:`bigmp.mux`); streamed arguments, a ``timeout``, or a machine
         not yet RUNNING use a thread of the session instead.
         """
-        if timeout is None and self._state is State.RUNNING:
+        if timeout is None and self._state is _RUNNING:
             plain = _plain(args, kwargs)
             if plain or not streams.split_stream_args(args, kwargs)[2]:
                 channel = self._mux_channel()
@@ -514,7 +528,9 @@ class ServiceProxy:
         machine = self._machine
 
         def call(*args, **kwargs):
-            return machine.call(full, *args, **kwargs)
+            if kwargs or machine._state is not _RUNNING:
+                return machine.call(full, *args, **kwargs)   # timeout=, or not RUNNING yet
+            return machine._invoke(full, args, kwargs, None)
         call.__name__ = method
         call.__qualname__ = full
         setattr(self, method, call)   # made once: later lookups do not come here

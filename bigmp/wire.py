@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import select
 import socket
 import struct
 from multiprocessing import connection as _mpc
@@ -41,6 +42,7 @@ _IS_BYTES = 1 << 63
 # message of these (in tuples and dicts) may skip the ForkingPickler (see send_plain).
 PLAIN = frozenset((int, float, str, bool, type(None), complex))
 _pdumps = pickle.dumps
+_HUP_EVENTS = select.POLLIN | getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP
 
 
 class FrameTooLarge(ValueError):
@@ -151,6 +153,9 @@ class BigConnection(_mpc.Connection):
         self._pbuf = io.BytesIO()
         self._pickler: Optional[pickle.Pickler] = None
         self._oob: List[pickle.PickleBuffer] = []
+        poller = select.poll()
+        poller.register(handle, _HUP_EVENTS)
+        self._hup = poller.poll   # see idle_broken
 
     # -- limits -------------------------------------------------------------------------
 
@@ -443,6 +448,12 @@ class BigConnection(_mpc.Connection):
         if self._rend > self._rpos:
             return True   # read ahead already: the fd would not say so
         return super()._poll(timeout)
+
+    def idle_broken(self) -> bool:
+        """For a connection between calls: has the peer hung up (or sent what nobody asked
+        for)? One poll(2) with no wait, ~0.3 us; a pooled connection cut while idle is then
+        not used for a call that would fail."""
+        return self._rend > self._rpos or bool(self._hup(0))
 
     def read_some(self) -> None:
         """One read into the read-ahead buffer (call when the fd is readable)."""

@@ -258,3 +258,17 @@ def test_frames_arriving_in_pieces_are_read_whole(size, step):
     finally:
         ca.close()
         cb.close()
+
+
+def test_idle_broken_tells_a_cut_connection_from_a_live_one():
+    ca, cb = _pair()
+    other_a, other_b = _pair()
+    try:
+        assert not ca.idle_broken()               # live and quiet: usable
+        cb.close()
+        assert ca.idle_broken()                   # the peer hung up while it sat idle
+        other_b.send(("#RETURN", "unasked"))
+        assert other_a.idle_broken()              # data nobody asked for: out of step
+    finally:
+        for c in (ca, other_a, other_b):
+            c.close()
