@@ -30,6 +30,7 @@ class Keeper:
         self.last_ok = time.monotonic()
         self.latency: Optional[float] = None
         self.reply: Dict[str, Any] = {}
+        self.healthy = True            # as the last keepalive reply said
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"bigmp-keepalive-{machine.name}")
@@ -68,9 +69,15 @@ class Keeper:
                 self.latency = time.monotonic() - t0
                 self.last_ok = time.monotonic()
                 self.reply = reply
-                if not reply.get("healthy", True):
-                    log.warning("machine %s is unhealthy: memory %.0f%% used", m.name,
-                                reply.get("memory_percent", 0))
+                healthy = reply.get("healthy", True)
+                if healthy != self.healthy:   # said on each change, not at every tick
+                    if healthy:
+                        log.info("machine %s is healthy again: memory %.0f%% used", m.name,
+                                 reply.get("memory_percent", 0))
+                    else:
+                        log.warning("machine %s is unhealthy: memory %.0f%% used", m.name,
+                                    reply.get("memory_percent", 0))
+                    self.healthy = healthy
                 # Readable before the next tick means EOF: the machine went away.
                 if conn.poll(self.interval) and not self._stop.is_set():
                     raise EOFError("keepalive connection closed by the machine")

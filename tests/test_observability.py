@@ -54,10 +54,12 @@ class Counted:
 
 class MemoryPressure:
     def fake(self, percent):
-        """Make this machine's psutil report ``percent`` of memory in use."""
+        """Make this machine's psutil report ``percent`` of memory in use (None: the truth)."""
         import psutil
-        real = psutil.virtual_memory
-        psutil.virtual_memory = lambda: real()._replace(percent=float(percent))
+        real = getattr(psutil, "_real_virtual_memory", psutil.virtual_memory)
+        psutil._real_virtual_memory = real
+        psutil.virtual_memory = real if percent is None else \
+            (lambda: real()._replace(percent=float(percent)))
         return True
 
 
@@ -311,6 +313,15 @@ def test_unhealthy_machine_is_shown_and_logged(caplog, capsys):
         assert cli.main(["status", server.url]) == 1
         out = capsys.readouterr().out
         assert "UNHEALTHY" in out and "memory nearly exhausted" in out
+        # Said once while it lasts (not at every keepalive), and again when it is over.
+        with caplog.at_level("INFO", logger="bigmp.keepalive"):
+            ticks = sick.keepalive.last_ok
+            wait_until(lambda: sick.keepalive.last_ok > ticks + 0.3, what="more keepalives")
+            sick.call("Mem.fake", None)
+            wait_until(lambda: any("healthy again" in r.getMessage() for r in caplog.records),
+                       what="the all-clear")
+        said = [r for r in caplog.records if sick.name in r.getMessage()]
+        assert [("again" in r.getMessage()) for r in said] == [False, True]
 
 
 # -- the command line ------------------------------------------------------------------------
