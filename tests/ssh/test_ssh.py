@@ -159,13 +159,19 @@ def test_python_version_mismatch_is_named(sshd, monkeypatch):
 
 def test_launch_timeout(sshd, tmp_path):
     # A host whose Python takes longer to start than start_timeout allows.
+    # It waits on its stdin, so it ends when the driver gives up and closes the channel.
     slow = tmp_path / "slow-python"
-    slow.write_text(f"#!/bin/sh\nsleep 30\nexec {sys.executable} \"$@\"\n")
+    slow.write_text("#!/bin/sh\ntimeout 30 cat >/dev/null\nexit 1\n")
     slow.chmod(0o755)
     t0 = time.monotonic()
     _fails_with(dict(sshd.options(n_hosts=1), ssh_python=str(slow), start_timeout=1.0),
                 "within 1 s")
     assert time.monotonic() - t0 < 20
+
+    def left():
+        return [p for p in psutil.process_iter(["cmdline"])
+                if str(slow) in " ".join(p.info["cmdline"] or [])]
+    wait_until(lambda: not left(), 10, what="the slow start to end once abandoned")
 
 
 def test_sshd_killed_mid_run_stops_machines_and_leaves_no_process(tmp_path):
