@@ -338,7 +338,8 @@ def start(system: Optional[str] = None, *, authkey: Optional[bytes] = None,
             "module: put the driver's code under `if __name__ == \"__main__\":` (as with "
             "multiprocessing's spawn), or machines would start machines of their own")
     opts = _config.resolve(system=system, **options)
-    b = B(get_system(opts["system"], opts), opts, authkey=authkey)
+    explicit = {k for k, v in options.items() if v is not None}
+    b = B(get_system(opts["system"], opts, explicit), opts, authkey=authkey)
     if opts["debug_addr"]:
         try:
             b.serve_debug(opts["debug_addr"])

@@ -4,7 +4,7 @@ Machines are real local processes started exactly as :class:`~bigmp.systems.loca
 starts them (fork server by default, or ``local_mode="spawn"``). What the testing system adds:
 
 * **short keepalive timings** (lease 5 s, interval 0.2 s, timeout 2 s, shutdown 5 s) for
-  options left at bigmp's global defaults, so a lost or hung machine is noticed in a test's
+  options the program does not give, so a lost or hung machine is noticed in a test's
   time scale; explicit keywords and ``BIGMP_*`` variables still win;
 * **fault injection** on one machine: :meth:`~TestingSystem.kill` (SIGKILL),
   :meth:`~TestingSystem.hang` / :meth:`~TestingSystem.resume` (SIGSTOP / SIGCONT),
@@ -33,7 +33,7 @@ import random
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 import psutil
 
@@ -46,7 +46,7 @@ log = logging.getLogger("bigmp.testing")
 
 __all__ = ["TestingSystem", "DEFAULTS"]
 
-# Options the testing system shortens when they are left at bigmp's global defaults.
+# Options the testing system shortens when the program does not give them.
 DEFAULTS: Dict[str, float] = {
     "keepalive_lease": 5.0,
     "keepalive_interval": 0.2,
@@ -63,12 +63,16 @@ class TestingSystem(LocalSystem):
     __test__ = False   # not a pytest test class, despite its name
     name = "testing"
 
-    def __init__(self, options: Dict[str, Any]):
-        # Short timings where the user left bigmp's defaults. ``options`` is the session's
-        # own dict, so b.options shows what is in effect.
+    def __init__(self, options: Dict[str, Any], explicit: Optional[Iterable[str]] = None):
+        # Short timings where the program gave none (``explicit``: the options it did give;
+        # unknown, an option at bigmp's own default counts as not given). ``options`` is the
+        # session's own dict, so b.options shows what is in effect.
+        given = set(explicit) if explicit is not None else None
         for key, value in DEFAULTS.items():
             opt = _config.OPTIONS[key]
-            if os.environ.get(opt.env) is None and options.get(key) == opt.default:
+            if os.environ.get(opt.env) is not None:
+                continue
+            if key not in given if given is not None else options.get(key) == opt.default:
                 options[key] = value
         super().__init__(options)
         self.session: Any = None

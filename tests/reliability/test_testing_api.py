@@ -75,6 +75,10 @@ def test_testing_options_defaults_and_overrides(monkeypatch):
             assert b.options[key] == value
     with bt.start(keepalive_lease=9.0) as b:
         assert b.options["keepalive_lease"] == 9.0
+    default = bigmp.config.OPTIONS["keepalive_timeout"].default
+    with bt.start(keepalive_timeout=default) as b:   # given, if equal to bigmp's default
+        assert b.options["keepalive_timeout"] == default
+        assert b.options["keepalive_interval"] == bt.DEFAULTS["keepalive_interval"]
     monkeypatch.setenv("BIGMP_KEEPALIVE_TIMEOUT", "4")
     with bigmp.start(system="testing") as b:
         assert b.options["keepalive_timeout"] == 4.0
