@@ -169,8 +169,9 @@ class Pool:
     the chunks it had not finished are resubmitted to the remaining machines, so a task may
     run more than once: make tasks idempotent, or tolerate repeated side effects. A chunk is
     resubmitted at most ``max_resubmits`` times (then it fails with
-    :class:`bigmp.MachineLost`); lost machines are not replaced, and once no machine is
-    left every unfinished task fails with :class:`BrokenPool`.
+    :class:`bigmp.MachineLost`). A lost machine is replaced by a new one (not one that
+    never started, nor after ``max_resubmits + 2`` losses in a row without a finished
+    chunk); once no machine is left every unfinished task fails with :class:`BrokenPool`.
 
     Differences from :mod:`multiprocessing`: ``terminate()`` fails the unfinished tasks
     with :class:`bigmp.MachineStopped` rather than leaving their results pending forever;

@@ -10,8 +10,11 @@ Delivery is **at least once**: when a machine is lost (it exited, was killed, or
 answering its keepalives), the chunk it was running goes back to the front of the queue and
 another machine runs it again, so a task may run more than once (and its side effects may
 happen more than once). A chunk is resubmitted at most ``max_resubmits`` times; after that
-its tasks fail with :class:`bigmp.MachineLost`. Lost machines are not replaced; once none is
-left, every task still waiting fails with :class:`BrokenPool`, as does any new submission.
+its tasks fail with :class:`bigmp.MachineLost`. A lost machine is replaced by a new one in
+its slot, as :class:`multiprocessing.Pool` replaces workers, unless it never started or its
+slot lost ``max_resubmits + 2`` machines in a row without finishing a chunk (more than one
+chunk's runs); the slot then ends. Once no slot is left, every task still waiting fails with :class:`BrokenPool`, as does any new
+submission.
 """
 from __future__ import annotations
 
@@ -361,39 +364,59 @@ class TaskEngine:
             self._cond.notify_all()
 
     def _slot(self, i: int, m: Machine) -> None:
-        done = 0
+        done = 0                 # chunks finished on this machine (maxtasksperchild)
+        losses = 0               # machines this slot lost in a row, none finishing a chunk
         chunk: Optional[Chunk] = None
-        try:
-            while True:
-                chunk = self._take()
-                if chunk is None:
-                    break
-                if not chunk.started:
-                    chunk.started = True
-                    if chunk.start is not None and not chunk.start():
-                        self._finished()
-                        chunk = None
+        while True:
+            try:
+                while True:
+                    chunk = self._take()
+                    if chunk is None:
+                        break
+                    if not chunk.started:
+                        chunk.started = True
+                        if chunk.start is not None and not chunk.start():
+                            self._finished()
+                            chunk = None
+                            continue
+                    try:
+                        ok, value = self._run(m, chunk)
+                    except _Retry as r:
+                        c, chunk = chunk, None
+                        self._resubmit(c, r.err)
                         continue
-                try:
-                    ok, value = self._run(m, chunk)
-                except _Retry as r:
+                    self._finished()
                     c, chunk = chunk, None
-                    self._resubmit(c, r.err)
-                    continue
-                self._finished()
-                c, chunk = chunk, None
-                self._deliver(c, ok, value)
-                done += 1
-                if self.maxtasks is not None and done >= self.maxtasks and not self._terminated:
-                    m = self._renew(i, m)
-                    done = 0
-        except _Lost as lost:
-            self._slot_lost(i, m, chunk, lost.err, lost.ran)
-            return
-        except Exception as exc:   # a bug here must not strand the chunk
-            log.exception("%s slot %d failed", self.kind, i)
-            self._slot_lost(i, m, chunk, exc)
-            return
+                    self._deliver(c, ok, value)
+                    done += 1
+                    losses = 0
+                    if self.maxtasks is not None and done >= self.maxtasks and \
+                            not self._terminated:
+                        m = self._renew(i, m)
+                        done = 0
+                break
+            except _Lost as lost:
+                if not self._may_replace(lost.err, losses):
+                    self._slot_lost(i, m, chunk, lost.err, lost.ran)
+                    return
+                # Its chunk goes back first (another slot may take it at once), then a
+                # new machine takes this slot, as multiprocessing.Pool replaces workers.
+                log.info("%s: machine %s lost; resubmitting its unfinished tasks and "
+                         "starting a machine in its place", self.kind, m.name)
+                if chunk is not None:
+                    c, chunk = chunk, None
+                    self._resubmit(c, lost.err, lost.ran)
+                try:
+                    m = self._replace(i)
+                except _Lost as failed:
+                    self._slot_lost(i, m, None, failed.err)
+                    return
+                losses += 1
+                done = 0
+            except Exception as exc:   # a bug here must not strand the chunk
+                log.exception("%s slot %d failed", self.kind, i)
+                self._slot_lost(i, m, chunk, exc)
+                return
         # The queue is done (closed) or the engine terminated: the last slot out stops
         # the machines, so close() alone frees them once the work is done.
         with self._cond:
@@ -402,22 +425,37 @@ class TaskEngine:
         if last:
             self._release_machines()
 
-    def _renew(self, i: int, old: Machine) -> Machine:
-        """maxtasksperchild: a fresh machine replaces ``old``, which is retired."""
-        with self._renew_lock:
+    def _may_replace(self, err: BaseException, losses: int) -> bool:
+        """Replace a lost machine unless the engine is stopping, the machine never started
+        (the next would fail alike), or this slot lost more machines in a row, none
+        finishing a chunk, than one chunk may cost (``max_resubmits`` + 1 runs) plus one:
+        a task that kills its machine gives up on its own limit without costing a slot."""
+        return not (self._terminated or self._released or isinstance(err, StartError)
+                    or losses + 1 > self.max_resubmits + 2)
+
+    def _replace(self, i: int, retiring: Optional[Machine] = None) -> Machine:
+        """A new machine in slot ``i`` (``retiring``, if given, is shut down in the
+        background); raises _Lost when it cannot be started."""
+        with self._renew_lock:          # _release_machines waits for this
             if self._released:
                 raise _Lost(MachineStopped(f"the {self.kind} was terminated"))
             try:
                 new = self.b.start(1, services=self.services)[0]
             except Exception as exc:
                 raise _Lost(exc) from None
-            t = threading.Thread(target=retire, args=(old,), daemon=True,
-                                 name=f"bigmp-retire-{old.name}")
             with self._cond:
                 self._current[i] = new
-                self._retiring = [r for r in self._retiring if r.is_alive()] + [t]
-            t.start()
+            if retiring is not None:
+                t = threading.Thread(target=retire, args=(retiring,), daemon=True,
+                                     name=f"bigmp-retire-{retiring.name}")
+                with self._cond:
+                    self._retiring = [r for r in self._retiring if r.is_alive()] + [t]
+                t.start()
         return new
+
+    def _renew(self, i: int, old: Machine) -> Machine:
+        """maxtasksperchild: a fresh machine replaces ``old``, which is retired."""
+        return self._replace(i, retiring=old)
 
     def _run(self, m: Machine, chunk: Chunk):
         """Run ``chunk`` on ``m``: ``(ok, value)``; raises _Lost or _Retry for the machine."""

@@ -268,9 +268,20 @@ def test_lost_machine_mid_map_is_resubmitted(bex, tmp_path):
     assert len(os.listdir(started)) >= 7
 
 
-def test_no_machines_left(bex):
+def test_a_task_that_always_kills_its_machine_gives_up_and_the_executor_goes_on(bex):
     e = bex(2)
     f = e.submit(H.die_always, 1)
+    with pytest.raises(bigmp.MachineLost, match="giving up") as info:
+        f.result(timeout=60)
+    assert not isinstance(info.value, bigmp.BrokenPool)
+    # Every machine it killed was replaced (the last replacement may still be starting).
+    wait_until(lambda: len(e.machines) == 2, timeout=30, what="two machines again")
+    assert e.submit(H.square, 3).result(timeout=30) == 9
+
+
+def test_no_machines_left(bex):
+    e = bex(2, initializer=H.init_fail)   # machines that never start are not replaced
+    f = e.submit(H.square, 1)
     with pytest.raises(bigmp.BrokenPool, match="no machines left"):
         f.result(timeout=30)
     with pytest.raises(cf.BrokenExecutor):
