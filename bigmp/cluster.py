@@ -51,7 +51,8 @@ class B:
         self._seq = 0
         self._pool: Optional[ThreadPoolExecutor] = None
         self._closed = False
-        self.stats: Optional[Stats] = Stats()   # calls this session made (bigmp.stats)
+        # Calls this session made (bigmp.stats); None with the stats option off.
+        self.stats: Optional[Stats] = Stats() if options.get("stats", True) else None
         self.debug = None                        # the debug HTTP server (serve_debug)
         if system is not None:
             _sessions.add(self)
@@ -117,7 +118,7 @@ class B:
                 "lease": timings["lease"], "grace": timings["grace"], "environ": env,
                 "argv": argv, "options": {k: v for k, v in self.options.items()
                                           if k in ("connect_timeout", "handshake_timeout",
-                                                   "max_frame")}}
+                                                   "max_frame", "stats")}}
 
     def _bring_up(self, m: Machine, payloads: Dict[str, bytes], env, argv) -> None:
         try:

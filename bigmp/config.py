@@ -55,6 +55,7 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in [
     Option("start_timeout", float, 60.0, "seconds a machine may take from launch to its handshake"),
     Option("shutdown_timeout", float, 10.0, "seconds shutdown waits for a machine's output to drain"),
     Option("max_frame", int, 1 << 30, "largest frame (bytes) a connection accepts"),
+    Option("stats", _bool, True, "keep per-method call statistics on the driver and the machines (~2 us of a small call; off: b.stats is None)"),
     Option("hosts", _list, [], "hosts for remote systems: [user@]host[:port][?python=PATH&machines=N] or ~/.ssh/config aliases"),
     Option("ssh_identity", _list, [], "SSH private key files (default: ssh-agent and ~/.ssh keys)"),
     Option("ssh_known_hosts", str, "~/.ssh/known_hosts", "known_hosts file that host keys are checked against"),

@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional
 import psutil
 
 from . import __version__
-from . import stats as _stats
+from . import config as _config, stats as _stats
 
 log = logging.getLogger("bigmp.supervisor")
 
@@ -104,7 +104,7 @@ class Supervisor:
         self.exit_reason: Optional[str] = None
         self.exited = threading.Event()
         server.on_connection_closed = self._connection_closed
-        if server.stats is None:
+        if server.stats is None and _config.get("stats"):
             server.stats = _stats.Stats()   # per-method statistics of served calls
         _process()
 

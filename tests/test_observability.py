@@ -92,6 +92,24 @@ def run_cli(*args, timeout=60):
 
 # -- statistics ------------------------------------------------------------------------------
 
+def test_statistics_can_be_turned_off(monkeypatch):
+    for how in ("keyword", "environment"):
+        kwargs = {"stats": False} if how == "keyword" else {}
+        if how == "environment":
+            monkeypatch.setenv("BIGMP_STATS", "0")
+        with bigmp.start(system="local", **kwargs) as b:
+            m = b.start(1, services={"Counted": Counted()})[0]
+            assert m.call("Counted.ok", "x") == "xx"
+            assert m.call_async("Counted.ok", "y").result(timeout=30) == "yy"
+            assert b.stats is None
+            data = b.collect_stats()
+            assert data["driver"] is None
+            assert data["machines"][m.name] == {"served": None, "called": None}
+            server = b.serve_debug("127.0.0.1:0")
+            assert get_json(server.url + "status.json")["summary"]["machines"] == 1
+            assert get_json(server.url + "stats")["driver"] is None
+
+
 def test_stats_match_the_calls_made(cluster):
     b, (m0, m1), server = cluster
     for i in range(7):
