@@ -11,8 +11,8 @@ Latency cases (1, 2, 6) pin the driver and every server process to one CPU, as
 Cases: 1 small call round trip (us); 2 new connection + first call over TCP loopback (ms);
 3 100 MiB echo (MB/s = payload bytes / round-trip seconds / 1e6); 4 local machine start
 to RUNNING (ms; 4a/4b on a settled session, 4c including ``bigmp.start()``); 5 10,000
-async no-op calls over 8 machines (calls/s); 6 peers (Pyro5, RPyC, Ray) if installed
-(``pip install -e '.[bench]'``), report only. Ratio is always bigmp / baseline.
+async no-op calls over 8 machines (calls/s; 5b: echoes of a small list, report only);
+6 peers (Pyro5, RPyC, Ray) if installed (``pip install -e '.[bench]'``), report only. Ratio is always bigmp / baseline.
 Results: table on stdout, JSON to --json.
 """
 from __future__ import annotations
@@ -283,17 +283,19 @@ def case_start(cfg):
 
 # -- case 5: many async no-op calls over 8 machines -----------------------------------
 
-def _stdlib_throughput(mgrs, threads, total):
+def _stdlib_throughput(mgrs, threads, total, arg=None):
+    """Calls/s of ``noop()`` (or ``echo(arg)``) from ``threads`` threads over the servers."""
     proxies = [mgrs[k % len(mgrs)].Echo() for k in range(threads)]
     counts = [total // threads + (k < total % threads) for k in range(threads)]
     barrier = threading.Barrier(threads + 1, timeout=60)
 
     def work(k):
         p = proxies[k]
-        p.noop()                         # this thread's connection: off the clock
+        call = p.noop if arg is None else (lambda: p.echo(arg))
+        call()                           # this thread's connection: off the clock
         barrier.wait()
         for _ in range(counts[k]):
-            p.noop()
+            call()
 
     with cf.ThreadPoolExecutor(threads) as ex:
         futs = [ex.submit(work, k) for k in range(threads)]
@@ -317,9 +319,10 @@ def case_async(cfg):
 
         failed = []
 
-        def big_run(count):
+        def big_run(count, arg=None):
             t0 = now()
-            futs = [ms[i % 8].call_async("Echo.noop") for i in range(count)]
+            futs = [ms[i % 8].call_async("Echo.noop") for i in range(count)] if arg is None \
+                else [ms[i % 8].call_async("Echo.echo", arg) for i in range(count)]
             cf.wait(futs)
             rate = count / (now() - t0)
             errs = [f.exception() for f in futs if f.exception() is not None]
@@ -353,6 +356,18 @@ def case_async(cfg):
         if failed:
             ROWS[-1]["met"] = False
             ROWS[-1]["note"] = "bigmp calls failed: " + "; ".join(failed)
+        # 5b, report only: the same with a small list argument echoed back (arguments and
+        # results that are small containers of scalars), stdlib with 8 threads.
+        arg = [1, 2, "three"]
+        big_run(max(512, total // 10), arg)
+        big_b, base_b = [], []
+        for _ in range(cfg["repeat"]):
+            gc.collect()
+            big_b.append(big_run(total, arg))
+            gc.collect()
+            base_b.append(_stdlib_throughput(mgrs, 8, total, arg))
+        row("5b", f"{total} async echo([1, 2, 'three']) calls, 8 machines", "calls/s", big_b,
+            base_b, "stdlib, 8 servers, 8 threads")
     finally:
         b.shutdown()
         for mgr in mgrs:

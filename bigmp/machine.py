@@ -33,17 +33,20 @@ class State(enum.IntEnum):
 
 
 _PLAIN = wire.PLAIN
+_is_plain = wire.is_plain
 _RUNNING, _STOPPED = State.RUNNING, State.STOPPED   # the hot paths: an enum lookup is 5x a global
 _methods: Dict[str, tuple] = {}   # "Service.method" -> (service, method), parsed once
 
 
 def _plain(args: tuple, kwargs: dict) -> bool:
-    """Only plain scalars (wire.PLAIN): nothing to stream, no reducer, no large buffer."""
-    if kwargs:
-        return False
+    """Only plain values (wire.is_plain): nothing to stream, no reducer, no large buffer."""
     for a in args:
-        if type(a) not in _PLAIN:
+        if type(a) not in _PLAIN and not _is_plain(a):
             return False
+    if kwargs:
+        for v in kwargs.values():
+            if type(v) not in _PLAIN and not _is_plain(v):
+                return False
     return True
 
 

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional
 
 from .errors import pack_exception
 from .futures import CallFuture
-from .wire import PLAIN as _PLAIN
+from .wire import PLAIN as _PLAIN, is_plain as _is_plain
 from .perprocess import PerProcess
 
 log = logging.getLogger("bigmp.mux")
@@ -184,7 +184,7 @@ class _Workers:
                 f"{request[1]}.{request[2]} returned a generator: streamed results need "
                 "call(), not call_async()"), server.name))
         reply = (call_id,) + tuple(msg)
-        if type(msg[1]) in _PLAIN:
+        if type(msg[1]) in _PLAIN or _is_plain(msg[1]):
             # Pickled with the other plain replies of this flush, in one frame.
             with self.send_lock:
                 self.batch.append((reply, request[1:], msg, _now() - t0, request_bytes))
@@ -371,7 +371,7 @@ class MuxChannel:
     def submit(self, method: str, service: str, name: str, args: tuple, kwargs: dict,
                plain: bool = False) -> "Future[Any]":
         """Send one call (``method`` is ``service.name``); ``plain``: its arguments are
-        only wire.PLAIN scalars, so the writer pickles it with the others queued."""
+        only plain values (wire.is_plain), so the writer pickles it with the others queued."""
         fut = CallFuture(method, _now())
         call_id = next(self.ids)
         self.pending[call_id] = fut

@@ -30,7 +30,7 @@ log = logging.getLogger("bigmp.server")
 __all__ = ["BigServer", "public_methods", "SERIALIZERS"]
 
 _GeneratorType = types.GeneratorType
-_PLAIN = wire.PLAIN
+_PLAIN, _is_plain = wire.PLAIN, wire.is_plain
 _BigConnection = wire.BigConnection
 
 
@@ -288,7 +288,8 @@ class BigServer(_mpm.Server):
     def _send(self, conn, msg, request) -> bool:
         try:
             try:
-                if type(msg[1]) in _PLAIN and isinstance(conn, _BigConnection):
+                if (type(msg[1]) in _PLAIN or _is_plain(msg[1])) and \
+                        isinstance(conn, _BigConnection):
                     conn.send_plain(msg)
                 else:
                     conn.send(msg)

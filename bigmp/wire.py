@@ -41,6 +41,37 @@ _IS_BYTES = 1 << 63
 # Scalars whose pickle never consults a reducer and never holds a large buffer: a
 # message of these (in tuples and dicts) may skip the ForkingPickler (see send_plain).
 PLAIN = frozenset((int, float, str, bool, type(None), complex))
+_PLAIN_ITEMS = 64           # containers longer than this are not scanned (is_plain)
+
+
+def _plain_item(x: Any) -> bool:
+    t = type(x)
+    return t in PLAIN or (t is bytes and len(x) < OOB_MIN)
+
+
+def is_plain(x: Any) -> bool:
+    """Does ``x`` pickle to the same bytes with ``pickle.dumps`` as with the ForkingPickler,
+    holding no buffer to send out of band? True for a PLAIN scalar, a bytes under OOB_MIN,
+    and an exact tuple, list or dict of at most 64 of those (the C pickler handles these
+    types itself, before any reducer table). Anything else: False (the general path)."""
+    t = type(x)
+    if t in PLAIN:
+        return True
+    if t is tuple or t is list:
+        if len(x) > _PLAIN_ITEMS:
+            return False
+        for y in x:
+            if type(y) not in PLAIN and not _plain_item(y):
+                return False
+        return True
+    if t is dict:
+        if len(x) > _PLAIN_ITEMS:
+            return False
+        for k, v in x.items():
+            if not (_plain_item(k) and _plain_item(v)):
+                return False
+        return True
+    return t is bytes and len(x) < OOB_MIN
 _pdumps = pickle.dumps
 _HUP_EVENTS = select.POLLIN | getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP
 
@@ -209,7 +240,7 @@ class BigConnection(_mpc.Connection):
 
     def send_plain(self, obj: Any) -> None:
         """:meth:`send` for a message the caller knows is only tuples, dicts and
-        :data:`PLAIN` scalars: no reducer and no large buffer can be involved, so the C
+        plain values (:func:`is_plain`): no reducer and no large buffer can be involved, so the C
         pickler's one-call ``dumps`` gives the very bytes the ForkingPickler would, in a
         third of the time (no BytesIO, no dispatch table)."""
         if self._handle is None or not self._writable:
@@ -223,7 +254,7 @@ class BigConnection(_mpc.Connection):
             self._sendv(parts)
 
     def encode_plain(self, obj: Any) -> tuple:
-        """:meth:`encode` for a message of :data:`PLAIN` scalars (see :meth:`send_plain`)."""
+        """:meth:`encode` for a message of plain values (see :meth:`send_plain`)."""
         payload = _pdumps(obj, 5)
         n = len(payload)
         limit = self.max_frame

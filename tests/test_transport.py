@@ -204,15 +204,35 @@ def _pair():
 def test_send_plain_writes_the_frame_send_writes():
     ca, cb = _pair()
     try:
-        for msg in [("Echo", "echo", (1, 2.5, "x" * 20000, None, True, 3j), {}),
-                    ("#RETURN", "y" * 70000), ("#RETURN", None)]:
-            ca.send_plain(msg)
-            plain = os.read(cb.fileno(), 1 << 20)
-            ca.send(msg)
-            assert os.read(cb.fileno(), 1 << 20) == plain
+        for oob in (False, True):       # before and after both ends said they are bigmp
+            if oob:
+                ca.enable_oob()
+            for msg in [("Echo", "echo", (1, 2.5, "x" * 20000, None, True, 3j), {}),
+                        ("#RETURN", "y" * 70000), ("#RETURN", None),
+                        ("Echo", "echo", ([1, "a", b"b" * 100], {"k": 1.5, b"x": None}),
+                         {"kw": (1, 2)}),
+                        ("#RETURN", [b"z" * 65535, "s", 7])]:
+                ca.send_plain(msg)
+                plain = os.read(cb.fileno(), 1 << 20)
+                ca.send(msg)
+                assert os.read(cb.fileno(), 1 << 20) == plain
     finally:
         ca.close()
         cb.close()
+
+
+def test_is_plain_takes_only_what_pickles_alike_without_large_buffers():
+    from bigmp.wire import OOB_MIN, is_plain
+
+    class Str(str):
+        pass
+    yes = [1, 2.5, "s", None, True, 1j, b"x" * (OOB_MIN - 1), (1, "a"), [None] * 64,
+           {"a": 1, b"b": b"c"}, (), [], {}]
+    no = [b"x" * OOB_MIN, [b"x" * OOB_MIN], {"k": b"x" * OOB_MIN}, [1] * 65, ((1,),),
+          [[1]], {"k": [1]}, Str("s"), [Str("s")], bytearray(b"x"), object(), {1, 2},
+          (1, object())]
+    assert all(is_plain(x) for x in yes)
+    assert not any(is_plain(x) for x in no)
 
 
 def test_send_plain_refuses_an_oversized_frame_before_writing():
