@@ -11,8 +11,6 @@ import sys
 import tempfile
 import time
 
-import paramiko
-
 import bigmp
 
 
@@ -22,6 +20,10 @@ now = time.perf_counter
 
 
 def _paramiko_exec(sshd) -> float:
+    # Imported here, not at the top: every SSH machine imports this program's main module
+    # (bench.py, which imports this file), and paramiko would cost each of them ~80 ms of
+    # imports that belong to the harness, not to the launch being measured.
+    import paramiko
     t0 = now()
     client = paramiko.SSHClient()
     client.load_host_keys(sshd.known_hosts)
