@@ -1,7 +1,7 @@
 """The ``bigmp`` command: talk to a driver's debug server (see :mod:`bigmp.debug`).
 
     bigmp status URL [--json]                 machines, health and load of a running driver
-    bigmp profile URL --seconds N -o FILE     profile its machines; FILE.prof/.pstats gives
+    bigmp profile URL --seconds N -o FILE     profile it and its machines; FILE.prof/.pstats gives
                                               pstats, .json JSON, anything else (or -)
                                               collapsed stacks for flamegraph.pl/speedscope
     bigmp stats URL                           per-method call statistics (JSON)
@@ -180,7 +180,7 @@ def _stats_args(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS["status"] = (cmd_status, "machines, health and load of a running driver", _status_args)
-COMMANDS["profile"] = (cmd_profile, "profile the machines of a running driver", _profile_args)
+COMMANDS["profile"] = (cmd_profile, "profile a running driver and its machines", _profile_args)
 COMMANDS["stats"] = (cmd_stats, "per-method call statistics of a running driver", _stats_args)
 
 

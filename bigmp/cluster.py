@@ -240,11 +240,14 @@ class B:
     # -- observability: bigmp.profiling, bigmp.stats, bigmp.debug --------------------------
 
     def profile(self, seconds: float = 10.0, machine: Any = None, interval: float = 0.01,
-                mode: str = "cpu"):
+                mode: str = "cpu", driver: Optional[bool] = None):
         """Sample every thread of every RUNNING machine (or ``machine``: a name, a Machine,
-        or a list) for ``seconds`` at once; return one merged :class:`bigmp.profiling.Profile`."""
+        or a list) for ``seconds`` at once; return one merged :class:`bigmp.profiling.Profile`.
+        ``driver``: include the driver's own threads (entry ``"driver"``; by default when
+        no ``machine`` is given: the whole program)."""
         from . import profiling
-        return profiling.profile(self, seconds, machine, interval=interval, mode=mode)
+        return profiling.profile(self, seconds, machine, interval=interval, mode=mode,
+                                 driver=driver)
 
     def collect_stats(self, timeout: float = 5.0) -> Dict[str, Any]:
         """Per-method call statistics: ``{"driver": ..., "machines": {name: ...}}``."""

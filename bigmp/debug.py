@@ -11,8 +11,9 @@ pages have no authentication and the profile endpoint costs the machines CPU.
                                            calls and errors; ``?refresh=N`` reloads every
                                            N s (default 10, 0 = never)
 ``/debug/bigmp/status.json``               the same as JSON (also ``status?format=json``)
-``/debug/bigmp/profile?seconds=N``         profile every RUNNING machine for N s (default
-                                           10); ``&machine=NAME`` (repeatable),
+``/debug/bigmp/profile?seconds=N``         profile every RUNNING machine and the driver
+                                           for N s (default 10); ``&machine=NAME``
+                                           (repeatable: those machines only),
                                            ``&mode=cpu|wall``, ``&format=collapsed|pstats|
                                            json``, ``&by_machine=1``
 ``/debug/bigmp/stats``                     per-method call statistics (JSON), driver and
@@ -335,7 +336,7 @@ def _methods_table(title: str, methods: Dict[str, Dict[str, Any]], ident: str) -
 def _index() -> str:
     links = [("status", "machines, health and load (HTML)"), ("status.json", "the same as JSON"),
              ("stats", "per-method call statistics (JSON)"),
-             ("profile?seconds=10", "profile all machines for 10 s (collapsed stacks)"),
+             ("profile?seconds=10", "profile all machines and the driver for 10 s (collapsed stacks)"),
              ("profile?seconds=10&format=pstats", "the same as a pstats file")]
     items = "".join(f"<li><a href='{PREFIX}/{p}'>{PREFIX}/{_E(p)}</a>: {_E(d)}</li>"
                     for p, d in links)

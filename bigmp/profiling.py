@@ -93,8 +93,10 @@ class _Shortener:
         return short
 
 
-def sample(seconds: float = 10.0, interval: float = 0.01, mode: str = "cpu") -> Dict[str, Any]:
-    """Sample every thread of this process (but the caller's) for ``seconds``.
+def sample(seconds: float = 10.0, interval: float = 0.01, mode: str = "cpu",
+           skip: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """Sample every thread of this process (but the caller's, and threads whose name starts
+    with one of ``skip``) for ``seconds``.
 
     Each sample of a thread weighs what it stands for, in microseconds: in ``"cpu"`` mode
     the CPU time the thread used since the previous tick (so a watchdog that wakes for
@@ -127,6 +129,8 @@ def sample(seconds: float = 10.0, interval: float = 0.01, mode: str = "cpu") -> 
             if ident == me:
                 continue
             t = threads.get(ident)
+            if skip and t is not None and t.name.startswith(skip):
+                continue
             weight = wall_us
             if use_cpu:
                 nid = getattr(t, "native_id", None)
@@ -234,7 +238,8 @@ class Profile:
         """Stacks as tuples of labels (root first), optionally under machine/thread frames."""
         out: Dict[Tuple[str, ...], int] = {}
         for (machine, thread, stack), us in self.values.items():
-            prefix = ((f"machine {machine}",) if by_machine else ()) + \
+            prefix = (((DRIVER if machine == DRIVER else f"machine {machine}"),)
+                      if by_machine else ()) + \
                      ((f"thread {thread}",) if by_thread else ())
             key = prefix + tuple(label(f) for f in stack)
             out[key] = out.get(key, 0) + us
@@ -391,19 +396,22 @@ def _targets(b, machine) -> Tuple[list, Dict[str, str]]:
 
 
 def profile(b, seconds: float = 10.0, machine: Any = None, interval: float = 0.01,
-            mode: str = "cpu") -> Profile:
+            mode: str = "cpu", driver: Optional[bool] = None) -> Profile:
     """Profile the RUNNING machines of session ``b`` (or ``machine``: a name, a Machine,
     or a list of them) for ``seconds``, all at once; return the merged :class:`Profile`.
 
-    A machine that fails to answer is left out and named in ``Profile.errors``; if no
-    machine at all could be profiled, RuntimeError is raised.
+    ``driver``: sample the driver's own threads too, as the entry ``"driver"`` (default:
+    when profiling the whole program, i.e. no ``machine`` given). A machine that fails to
+    answer is left out and named in ``Profile.errors``; if nothing at all could be
+    profiled, RuntimeError is raised.
     """
     if mode not in ("cpu", "wall"):
         raise ValueError(f"mode must be 'cpu' or 'wall', not {mode!r}")
+    with_driver = machine is None if driver is None else bool(driver)
     targets, skipped = _targets(b, machine)
     prof = Profile(mode, interval)
     prof.errors.update(skipped)
-    if not targets:
+    if not targets and not with_driver:
         raise RuntimeError("no RUNNING machine to profile" +
                            (f" ({skipped})" if skipped else ""))
     results: Dict[str, Any] = {}
@@ -419,6 +427,9 @@ def profile(b, seconds: float = 10.0, machine: Any = None, interval: float = 0.0
                                 name=f"bigmp-profile-{m.name}") for m in targets]
     for t in threads:
         t.start()
+    if with_driver:
+        # Here, while the machines sample; the threads waiting for them are left out.
+        prof.add(DRIVER, sample(seconds, interval, mode, skip=("bigmp-profile-",)))
     for t in threads:
         t.join()
     for m in targets:
@@ -430,6 +441,9 @@ def profile(b, seconds: float = 10.0, machine: Any = None, interval: float = 0.0
     if not prof.machines:
         raise RuntimeError(f"no machine could be profiled: {prof.errors}")
     return prof
+
+
+DRIVER = "driver"       # the driver's entry in a Profile (b.profile(driver=True))
 
 
 def merge(profiles: Iterable[Profile]) -> Profile:

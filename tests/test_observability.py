@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from html.parser import HTMLParser
@@ -176,7 +177,8 @@ def test_profile_of_two_busy_machines(cluster, tmp_path):
             m.call("Busy.stop")
         assert all(f.result(timeout=60) > 0 for f in futures)
 
-    assert set(prof.machines) == {m.name for m in machines} and not prof.errors
+    # The whole program: both machines and the driver itself.
+    assert set(prof.machines) == {m.name for m in machines} | {"driver"} and not prof.errors
     top, self_us, _ = prof.top(1)[0]
     assert top.startswith("Busy.spin (") and "test_observability.py" in top, prof.summary()
     spin = prof.functions()[top]
@@ -193,8 +195,10 @@ def test_profile_of_two_busy_machines(cluster, tmp_path):
     assert text and all(COLLAPSED_LINE.match(line) for line in text.splitlines())
     assert any(line.rsplit(" ", 1)[0].endswith(top) for line in text.splitlines())
     by_machine = prof.collapsed(by_machine=True)
-    assert {line.split(";", 1)[0] for line in by_machine.splitlines()} == \
-        {f"machine {m.name}" for m in machines}
+    assert {line.split(";", 1)[0] for line in by_machine.splitlines()} <= \
+        {f"machine {m.name}" for m in machines} | {"driver"}
+    assert {f"machine {m.name}" for m in machines} <= \
+        {line.split(";", 1)[0] for line in by_machine.splitlines()}
 
     # pstats: loadable by the standard library, spin on top by own time.
     path = str(tmp_path / "cluster.prof")
@@ -208,6 +212,31 @@ def test_profile_of_two_busy_machines(cluster, tmp_path):
     # JSON round trip.
     again = bigmp.profiling.Profile.from_json(json.loads(json.dumps(prof.to_json())))
     assert again.collapsed() == text
+
+
+def _driver_spin(stop):
+    while not stop.is_set():
+        sum(range(1000))
+
+
+def test_profile_includes_the_driver_when_it_profiles_the_whole_program(cluster):
+    b, machines, _ = cluster
+    stop = threading.Event()
+    t = threading.Thread(target=_driver_spin, args=(stop,), name="busy-driver-thread")
+    t.start()
+    try:
+        whole = b.profile(seconds=0.5)
+        only = b.profile(seconds=0.2, machine=machines[0])
+        asked = b.profile(seconds=0.2, machine=machines[0], driver=True)
+    finally:
+        stop.set()
+        t.join(10)
+    spin = [v for k, v in whole.functions().items() if k.startswith("_driver_spin (")]
+    assert spin and set(spin[0]["machines"]) == {"driver"}
+    threads = {thread for (name, thread, _s) in whole.values if name == "driver"}
+    assert "busy-driver-thread" in threads
+    assert not any(th.startswith("bigmp-profile-") for th in threads)   # its own waiters
+    assert "driver" not in only.machines and "driver" in asked.machines
 
 
 def test_profile_samples_every_thread(cluster):
@@ -288,7 +317,7 @@ def test_profile_and_index_endpoints(cluster, tmp_path):
     path.write_bytes(get(server.url + "profile?seconds=0.2&mode=wall&format=pstats"))
     assert pstats.Stats(str(path)).total_tt > 0
     data = get_json(server.url + "profile?seconds=0.2&mode=wall&format=json")
-    assert set(data["machines"]) == {m.name for m in machines}
+    assert set(data["machines"]) == {m.name for m in machines} | {"driver"}
     for bad, code in (("profile?seconds=0.1&machine=nope", 404), ("profile?seconds=x", 400),
                       ("profile?seconds=0.1&format=svg", 400), ("nothing-here", 404)):
         with pytest.raises(urllib.error.HTTPError) as err:
