@@ -2,7 +2,7 @@
 
     bigmp status URL [--json]                 machines, health and load of a running driver
     bigmp profile URL --seconds N -o FILE     profile it and its machines; FILE.prof/.pstats gives
-                                              pstats, .json JSON, anything else (or -)
+                                              pstats, .json JSON, .pb.gz pprof, anything else (or -)
                                               collapsed stacks for flamegraph.pl/speedscope
     bigmp stats URL                           per-method call statistics (JSON)
 
@@ -165,8 +165,10 @@ def _profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="the driver's debug address (http://host:port or :port)")
     p.add_argument("--seconds", "-s", type=float, default=10.0, help="how long to sample (default 10)")
     p.add_argument("-o", "--output", required=True,
-                   help="file to write: .prof/.pstats = pstats, .json = JSON, else collapsed; - = stdout")
-    p.add_argument("--format", choices=("collapsed", "pstats", "json"), help="override the file suffix")
+                   help="file to write: .prof/.pstats = pstats, .json = JSON, .pb.gz/.pprof = "
+                        "pprof, else collapsed; - = stdout")
+    p.add_argument("--format", choices=("collapsed", "pstats", "json", "pprof"),
+                   help="override the file suffix")
     p.add_argument("--machine", "-m", action="append", help="profile only this machine (repeatable)")
     p.add_argument("--mode", choices=("cpu", "wall"), default="cpu",
                    help="cpu: threads that ran (default); wall: every thread, waiting or not")

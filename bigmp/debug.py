@@ -15,7 +15,7 @@ pages have no authentication and the profile endpoint costs the machines CPU.
                                            for N s (default 10); ``&machine=NAME``
                                            (repeatable: those machines only),
                                            ``&mode=cpu|wall``, ``&format=collapsed|pstats|
-                                           json``, ``&by_machine=1``
+                                           json|pprof``, ``&by_machine=1``
 ``/debug/bigmp/stats``                     per-method call statistics (JSON), driver and
                                            machines
 ========================================== ==============================================
@@ -397,8 +397,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not 0 < seconds <= MAX_PROFILE_SECONDS:
             raise ValueError(f"seconds must be in (0, {MAX_PROFILE_SECONDS:g}]")
         fmt = _one(q, "format", "collapsed")
-        if fmt not in ("collapsed", "pstats", "json"):
-            raise ValueError("format must be collapsed, pstats or json")
+        if fmt not in ("collapsed", "pstats", "json", "pprof"):
+            raise ValueError("format must be collapsed, pstats, json or pprof")
         machines = q.get("machine") or None
         prof = self.server.session.profile(seconds, machine=machines,
                                            interval=float(_one(q, "interval", "0.01")),
@@ -406,6 +406,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fmt == "pstats":
             self._reply(200, "application/octet-stream", prof.pstats_bytes(),
                         {"Content-Disposition": 'attachment; filename="bigmp.prof"'})
+        elif fmt == "pprof":
+            self._reply(200, "application/octet-stream", prof.pprof_bytes(),
+                        {"Content-Disposition": 'attachment; filename="bigmp.pb.gz"'})
         elif fmt == "json":
             self._json(prof.to_json())
         else:

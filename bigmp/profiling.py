@@ -327,12 +327,21 @@ class Profile:
         p.errors = dict(data.get("errors") or {})
         return p
 
+    def pprof_bytes(self) -> bytes:
+        """The profile in pprof's format (gzipped profile.proto; see :mod:`bigmp.pprof`)."""
+        from . import pprof
+        return pprof.encode(self)
+
     def write(self, path: str, format: Optional[str] = None) -> str:
-        """Write in ``format`` (collapsed, pstats, json), else as the file suffix says:
-        ``.prof``/``.pstats`` pstats, ``.json`` JSON, anything else collapsed."""
+        """Write in ``format`` (collapsed, pstats, json, pprof), else as the file suffix
+        says: ``.prof``/``.pstats`` pstats, ``.json`` JSON, ``.pb.gz``/``.pprof`` pprof,
+        anything else collapsed."""
         format = format or guess_format(path)
         if format == "pstats":
             self.dump_stats(path)
+        elif format == "pprof":
+            with open(path, "wb") as f:
+                f.write(self.pprof_bytes())
         elif format == "json":
             with open(path, "w") as f:
                 json.dump(self.to_json(), f)
@@ -340,7 +349,8 @@ class Profile:
             with open(path, "w") as f:
                 f.write(self.collapsed())
         else:
-            raise ValueError(f"unknown profile format {format!r}: collapsed, pstats or json")
+            raise ValueError(f"unknown profile format {format!r}: collapsed, pstats, json or "
+                             "pprof")
         return format
 
     def summary(self, n: int = 10) -> str:
@@ -370,6 +380,8 @@ def guess_format(path: str) -> str:
         return "pstats"
     if low.endswith(".json"):
         return "json"
+    if low.endswith((".pb.gz", ".pprof")):
+        return "pprof"
     return "collapsed"
 
 

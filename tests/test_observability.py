@@ -1,6 +1,7 @@
 """Observability: cluster profiles, per-method statistics, the debug server and the CLI."""
 from __future__ import annotations
 
+import gzip
 import json
 import pstats
 import re
@@ -316,6 +317,7 @@ def test_profile_and_index_endpoints(cluster, tmp_path):
     path = tmp_path / "p.prof"
     path.write_bytes(get(server.url + "profile?seconds=0.2&mode=wall&format=pstats"))
     assert pstats.Stats(str(path)).total_tt > 0
+    assert get(server.url + "profile?seconds=0.2&format=pprof")[:2] == b"\x1f\x8b"   # gzip
     data = get_json(server.url + "profile?seconds=0.2&mode=wall&format=json")
     assert set(data["machines"]) == {m.name for m in machines} | {"driver"}
     for bad, code in (("profile?seconds=0.1&machine=nope", 404), ("profile?seconds=x", 400),
@@ -398,6 +400,10 @@ def test_cli_profile(cluster, tmp_path):
                   "-o", str(prof))
     assert out.returncode == 0, out.stderr
     assert pstats.Stats(str(prof)).total_tt > 0
+    pb = tmp_path / "cluster.pb.gz"
+    out = run_cli("profile", server.url, "-s", "0.2", "--mode", "wall", "-o", str(pb))
+    assert out.returncode == 0 and "wrote pprof profile" in out.stderr, out.stderr
+    assert gzip.decompress(pb.read_bytes())[:1] == b"\x0a"   # field 1 (sample_type) first
     out = run_cli("stats", server.url)
     assert out.returncode == 0 and set(json.loads(out.stdout)["machines"]) == \
         {m.name for m in machines}
