@@ -162,7 +162,8 @@ class _Workers:
         for (reply, request, msg, dt, req), share in zip(batch, shares):
             if not isinstance(share, int):   # too large for max_frame: say so instead
                 msg = ("#ERROR", pack_exception(share, server.name))
-                more, share = conn.encode((reply[0],) + msg)
+                with self.send_lock:         # the connection's pickler: workers share it
+                    more, share = conn.encode((reply[0],) + msg)
                 parts += more
                 total += share
             if stats is not None:

@@ -13,8 +13,8 @@ happen more than once). A chunk is resubmitted at most ``max_resubmits`` times; 
 its tasks fail with :class:`bigmp.MachineLost`. A lost machine is replaced by a new one in
 its slot, as :class:`multiprocessing.Pool` replaces workers, unless it never started or its
 slot lost ``max_resubmits + 2`` machines in a row without finishing a chunk (more than one
-chunk's runs); the slot then ends. Once no slot is left, every task still waiting fails with :class:`BrokenPool`, as does any new
-submission.
+chunk's runs); the slot then ends. Once no slot is left, every task still waiting fails
+with :class:`BrokenPool`, as does any new submission.
 """
 from __future__ import annotations
 

@@ -72,7 +72,8 @@ class TestingSystem(LocalSystem):
             opt = _config.OPTIONS[key]
             if os.environ.get(opt.env) is not None:
                 continue
-            if key not in given if given is not None else options.get(key) == opt.default:
+            left = key not in given if given is not None else options.get(key) == opt.default
+            if left:
                 options[key] = value
         super().__init__(options)
         self.session: Any = None
