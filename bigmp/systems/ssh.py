@@ -7,7 +7,9 @@ channels (see :mod:`bigmp.worker`), so the machine exits when the SSH session cl
 
 A launch is one exec: the bootstrap (:mod:`bigmp.systems.ssh_bootstrap`, standard library
 only) checks Python and the compiled dependencies, receives the code bundle if the host
-does not have it cached yet (see :mod:`bigmp.codeship`), and becomes the worker. Host keys
+does not have it cached yet (see :mod:`bigmp.codeship`), and becomes the worker; the
+driver's side of that exchange is :mod:`bigmp.systems.bootstrap`, shared with the other
+backends whose launch channel is a byte stream. Host keys
 are checked against known_hosts; an unknown host is an error unless
 ``ssh_accept_new_hosts`` is set. Machines listen with TLS on the address the SSH
 connection reached (see :mod:`bigmp.tls`).
@@ -15,9 +17,9 @@ connection reached (see :mod:`bigmp.tls`).
 from __future__ import annotations
 
 import getpass
-import json
 import logging
 import os
+import select
 import shlex
 import socket
 import threading
@@ -27,22 +29,14 @@ from urllib.parse import parse_qs
 
 import paramiko
 
-from .. import codeship, tls
+from .. import tls
 from ..errors import StartError
-from .base import Launch, System, encode_config
+from .base import Launch, System
+from .bootstrap import BootChannel, Bootstrap, HostCache
 
 log = logging.getLogger("bigmp.ssh")
 
 __all__ = ["SSHSystem", "HostSpec", "parse_host"]
-
-_BOOTSTRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ssh_bootstrap.py")
-# Driver variables that describe the driver's own login, not the program: a remote
-# machine keeps its own.
-_HOST_VARS = {"HOME", "USER", "LOGNAME", "SHELL", "PWD", "OLDPWD", "MAIL", "TERM",
-              "HOSTNAME", "DISPLAY", "SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY",
-              "SSH_AUTH_SOCK", "TMPDIR", "XDG_RUNTIME_DIR", "XDG_SESSION_ID", "PYTHONPATH",
-              "VIRTUAL_ENV", "PATH", "BIGMP_CODE_DIR"}
-
 
 class HostSpec:
     """One host: where to connect and how to run machines there."""
@@ -134,8 +128,7 @@ class _Host:
         self.extra: List[paramiko.SSHClient] = []   # more connections, for more channels
         self.channels: Dict[int, int] = {}          # id(client) -> open machine channels
         self.lock = threading.Lock()
-        self.code_lock = threading.Lock()
-        self.code_ok: Optional[str] = None   # the bundle hash known to be on the host
+        self.cache = HostCache()   # what the host's cache holds, as far as we know
 
     def connect(self) -> paramiko.SSHClient:
         with self.lock:
@@ -239,74 +232,57 @@ class _AcceptNew(paramiko.MissingHostKeyPolicy):
             log.warning("could not save the host key of %s to %s: %s", hostname, self.path, exc)
 
 
-class SSHLaunch(Launch):
-    """A worker on a remote host: an exec channel, pumped into local pipes."""
+class ParamikoChannel(BootChannel):
+    """A paramiko exec channel as a :class:`~bigmp.systems.bootstrap.BootChannel`."""
 
-    def __init__(self, host: _Host, chan: paramiko.Channel):
-        super().__init__()
-        self.host = host
-        self.chan = chan
-        self.control = -1
-        hs_r, self._hs_w = os.pipe()
-        out_r, self._out_w = os.pipe()
-        self.handshake, self.output = hs_r, out_r
+    def __init__(self, host: "_Host", chan: paramiko.Channel):
+        self.host, self.chan = host, chan
+        self.where = repr(host.spec)
+        self._released = False
 
-    def start_pumps(self, early_stdout: bytes) -> None:
-        if early_stdout:
-            os.write(self._hs_w, early_stdout)
-        threading.Thread(target=self._pump, name=f"bigmp-ssh-{self.host.spec.label}",
-                         daemon=True).start()
+    def _release(self) -> None:
+        """Count the channel off its connection (once)."""
+        if not self._released:
+            self._released = True
+            self.host.channel_closed(self.chan)
 
-    def _pump(self) -> None:
+    def sendall(self, data: bytes) -> None:
+        self.chan.sendall(data)
+
+    def _recv(self, read: Any, n: int, timeout: Optional[float]) -> bytes:
+        self.chan.settimeout(timeout)
+        try:
+            return read(n)
+        except socket.timeout:
+            raise TimeoutError(f"nothing from {self.where} within {timeout:g} s") from None
+
+    def recv(self, n: int, timeout: Optional[float]) -> bytes:
+        return self._recv(self.chan.recv, n, timeout)
+
+    def recv_stderr(self, n: int, timeout: Optional[float]) -> bytes:
+        return self._recv(self.chan.recv_stderr, n, timeout)
+
+    def exit_status(self, timeout: Optional[float]) -> Optional[int]:
         chan = self.chan
-        hs, out = self._hs_w, self._out_w
-        try:
-            while True:
-                progressed = False
-                if chan.recv_ready():
-                    data = chan.recv(65536)
-                    if data and hs >= 0:
-                        os.write(hs, data)
-                    progressed = True
-                if chan.recv_stderr_ready():
-                    data = chan.recv_stderr(65536)
-                    if data:
-                        os.write(out, data)
-                    progressed = True
-                drained = not chan.recv_ready() and not chan.recv_stderr_ready()
-                # EOF comes after the last byte of output (exit-status may come before it:
-                # sshd reports the exit as soon as the process ends, pipes not yet read).
-                if drained and (chan.closed or chan.eof_received):
-                    break
-                if not progressed:
-                    import select
-                    select.select([chan], [], [], 0.5)
-        except OSError:
-            pass
-        finally:
-            for fd in (hs, out):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            code = chan.exit_status if chan.exit_status_ready() else None
-            if code is not None and code < 0:
-                code = None
-            self.host.channel_closed(chan)
-            self._exited(code)
+        if not chan.status_event.wait(timeout):
+            return None
+        return chan.exit_status
 
-    def close_control(self) -> None:
+    def shutdown_write(self) -> None:
         try:
-            self.chan.shutdown_write()   # EOF on the worker's stdin: it exits
+            self.chan.shutdown_write()
         except (OSError, EOFError, paramiko.SSHException):
             pass
 
-    def kill(self) -> None:
-        pid = self.pid
+    def close(self) -> None:
         try:
             self.chan.close()
         except Exception:
             pass
+        self._release()
+
+    def kill(self, pid: Optional[int]) -> None:
+        self.close()
         if pid:
             def kill_remote():
                 try:
@@ -314,6 +290,38 @@ class SSHLaunch(Launch):
                 except Exception:
                     pass
             threading.Thread(target=kill_remote, daemon=True).start()
+
+    def pump(self, stdout_fd: int, stderr_fd: int) -> None:
+        # One thread for both streams: paramiko buffers them, select says when either has
+        # something (or the channel closed).
+        chan = self.chan
+        chan.settimeout(None)
+        try:
+            self._pump_loop(chan, stdout_fd, stderr_fd)
+        finally:
+            self._release()
+
+    @staticmethod
+    def _pump_loop(chan: paramiko.Channel, stdout_fd: int, stderr_fd: int) -> None:
+        while True:
+            progressed = False
+            if chan.recv_ready():
+                data = chan.recv(65536)
+                if data:
+                    os.write(stdout_fd, data)
+                progressed = True
+            if chan.recv_stderr_ready():
+                data = chan.recv_stderr(65536)
+                if data:
+                    os.write(stderr_fd, data)
+                progressed = True
+            drained = not chan.recv_ready() and not chan.recv_stderr_ready()
+            # EOF comes after the last byte of output (exit-status may come before it:
+            # sshd reports the exit as soon as the process ends, pipes not yet read).
+            if drained and (chan.closed or chan.eof_received):
+                return
+            if not progressed:
+                select.select([chan], [], [], 0.5)
 
 
 class SSHSystem(System):
@@ -334,9 +342,8 @@ class SSHSystem(System):
         self._ca: Optional[tls.SessionCA] = None
         self._authkey: Optional[bytes] = None
         threading.Thread(target=self._make_ca, daemon=True, name="bigmp-ssh-ca").start()
-        self.requires = list(codeship.REQUIRED_ON_HOST)
+        self.bootstrap = Bootstrap(options.get("ssh_cache_dir") or "~/.cache/bigmp")
         self._lock = threading.Lock()
-        self.python_version = "%d.%d" % tuple(__import__("sys").version_info[:2])
 
     def _make_ca(self) -> None:
         try:
@@ -382,99 +389,32 @@ class SSHSystem(System):
 
     def launch(self, name: str, config: Dict[str, Any]) -> Launch:
         host = self._placement.get(name) or self.hosts[0]
-        deadline = time.monotonic() + self.options["start_timeout"]
-        bundle = codeship.bundle()
-        config = dict(config)
-        config["environ"] = {k: v for k, v in (config.get("environ") or {}).items()
-                             if k not in _HOST_VARS}
-        config["environ_mode"] = "overlay"
-        if bundle.main:
-            config["remote_main"] = bundle.main
-        header = json.dumps({"hash": bundle.sha256, "python": self.python_version,
-                             "requires": self.requires,
-                             "cache": self.options.get("ssh_cache_dir") or "~/.cache/bigmp"})
-        with open(_BOOTSTRAP) as f:
-            boot = f.read()
-        command = f"exec {shlex.quote(host.spec.python)} -c {shlex.quote(boot)} " \
-                  f"{shlex.quote(header)}"
-        # The first launch on a host uploads the bundle; the others wait for it, so it
-        # travels once.
-        with host.code_lock if host.code_ok != bundle.sha256 else _nolock:
+
+        def open_channel(argv: List[str]) -> BootChannel:
             chan = host.open_channel(self.options["connect_timeout"])
-            chan.exec_command(command)
-            launch = SSHLaunch(host, chan)
-            reply, rest = self._read_reply(chan, host, deadline)
-            problem = self._problem(host, reply)
-            if problem:
-                chan.close()
-                raise StartError(f"{name}: {problem}")
-            launch.pid = reply.get("pid")
-            if reply.get("need_code"):
-                t0 = time.monotonic()
-                chan.sendall(b"%d\n" % len(bundle.data) + bundle.data)
-                log.info("ssh %s: uploaded the code bundle (%d KiB) in %.2f s", host.spec,
-                         len(bundle.data) // 1024, time.monotonic() - t0)
-            host.code_ok = bundle.sha256
-        config["tls"] = self._session_ca().issue(name).as_dict()   # made while connecting
-        chan.sendall(encode_config(config))
-        launch.start_pumps(rest)
-        log.info("ssh %s: launched %s", host.spec, name)
-        return launch
-
-    def _read_reply(self, chan: paramiko.Channel, host: _Host, deadline: float):
-        buf = b""
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                chan.close()
-                raise StartError(f"no answer from the bootstrap on {host.spec} within "
-                                 f"{self.options['start_timeout']:g} s")
-            chan.settimeout(left)
             try:
-                data = chan.recv(4096)
-            except socket.timeout:
-                continue
-            if not data:
-                err = b""
-                while chan.recv_stderr_ready():
-                    err += chan.recv_stderr(65536)
-                status = chan.recv_exit_status()
-                text = err.decode(errors="replace").strip()
+                chan.exec_command(Bootstrap.shell_command(argv))
+            except BaseException:
                 chan.close()
-                if status in (126, 127):
-                    raise StartError(f"no Python at {host.spec.python!r} on {host.spec} "
-                                     f"(exit status {status}: {text})")
-                raise StartError(f"the bootstrap on {host.spec} exited with status {status}"
-                                 + (f": {text}" if text else ""))
-            buf += data
-        chan.settimeout(None)
-        line, rest = buf.split(b"\n", 1)
-        return json.loads(line), rest
+                host.channel_closed(chan)
+                raise
+            return ParamikoChannel(host, chan)
 
-    def _problem(self, host: _Host, reply: Dict[str, Any]) -> Optional[str]:
-        theirs = ".".join(str(reply.get("python", "")).split(".")[:2])
-        if theirs != self.python_version:
-            return (f"{host.spec} runs Python {reply.get('python')} at "
-                    f"{reply.get('executable')}, the driver Python {self.python_version}: "
-                    f"install Python {self.python_version} there and give its path "
-                    "(ssh_python, or ?python=PATH after the host)")
-        if reply.get("missing"):
-            return (f"{host.spec} lacks {', '.join(reply['missing'])} for "
-                    f"{reply.get('executable')}: install it there "
-                    f"({reply.get('executable')} -m pip install {' '.join(reply['missing'])})")
-        return None
+        # The CA was made while the host connected.
+        return self.bootstrap.launch(
+            name, config, open_channel, python=host.spec.python, cache=host.cache,
+            timeout=self.options["start_timeout"],
+            credentials=lambda n: self._session_ca().issue(n).as_dict())
+
+    @property
+    def python_version(self) -> str:
+        """The Python ``major.minor`` hosts must run (the driver's)."""
+        return self.bootstrap.python_version
+
+    @python_version.setter
+    def python_version(self, value: str) -> None:
+        self.bootstrap.python_version = value
 
     def shutdown(self) -> None:
         for host in self.hosts:
             host.close()
-
-
-class _NoLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_nolock = _NoLock()

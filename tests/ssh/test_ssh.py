@@ -243,7 +243,7 @@ def test_bundle_follows_new_local_modules(tmp_path, monkeypatch):
     assert codeship.bundle() is before   # nothing new: the same bundle, not rebuilt
     (tmp_path / "bigmp_test_newmod.py").write_text("X = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    import bigmp_test_newmod   # noqa: F401
+    import bigmp_test_newmod  # noqa: F401
     try:
         after = codeship.bundle()
         assert after.sha256 != before.sha256
